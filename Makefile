@@ -1,0 +1,30 @@
+# robustexp — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install run test test-slow bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install robustexp with its pinned dependencies (only what is missing)
+
+run: $(STAMP)  ## install what is missing, then run the embedded default (python -m robustexp)
+	$(PY) -m robustexp $(ARGS)
+
+test: $(STAMP)  ## install what is missing, then run the default test suite (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)  ## the slow tests only
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+clean:  ## remove run outputs (not the venv)
+	rm -rf outputs multirun

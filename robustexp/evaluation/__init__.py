@@ -1,0 +1,7 @@
+"""Evaluations: ``conf/eval/<name>.yaml`` lists evaluators by ``_target_``."""
+
+from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.evaluation.clean import CleanEvaluator
+from robustexp.evaluation.corruptions import CorruptionEvaluator
+
+__all__ = ["CleanEvaluator", "CorruptionEvaluator", "EvalContext", "Evaluator"]

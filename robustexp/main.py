@@ -1,0 +1,140 @@
+"""Entry point: compose the run, train with the method, evaluate, write metrics.
+
+``python -m robustexp [+method=...] [+adaptation=...] [group=option ...] [key=value ...]``
+
+A run is data flowing one way: config -> dataset + model -> trainer(method) -> checkpoint ->
+evaluators -> metrics.json + summary.md + W&B. Every component is built from its config's
+``_target_``; nothing here branches on a component's name.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from robustexp.errors import RobustexpError
+from robustexp.evaluation.base import EvalContext
+from robustexp.evaluation.report import format_table
+from robustexp.methods.standard import StandardTraining
+from robustexp.models.build import build_model
+from robustexp.run_id import register_resolvers, run_id
+from robustexp.training.trainer import TrainContext
+from robustexp.utils import atomic_write_bytes, atomic_write_json, git_commit, read_json, resolve_device, \
+    seed_everything
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.yaml"
+META_KEYS = ("name",)
+
+register_resolvers()
+
+
+def instantiate_component(node: DictConfig | None, **kwargs):
+    """``hydra.utils.instantiate`` of a group's node, leaving out descriptive keys (``name``)."""
+    plain = {k: v for k, v in node.items() if k not in META_KEYS}
+    return instantiate(OmegaConf.create(plain), **kwargs)
+
+
+def _headline_table(headline: Mapping[str, float]) -> str:
+    return format_table(["summary", "value"], [[k, v] for k, v in headline.items()])
+
+
+def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) -> dict[str, Any]:
+    """Run one composed config in ``run_dir`` and return its metrics (also in ``metrics.json``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        previous = read_json(metrics_path)
+        if previous.get("status") == "complete":
+            print(f"[robustexp] {run_dir} already holds a complete run of this config; its stored results:\n")
+            summary = run_dir / SUMMARY_FILE
+            print(summary.read_text() if summary.is_file() else _headline_table(previous.get("summary", {})))
+            print("\n(pass tag=<name> to run the same config again in a new directory)")
+            return previous
+
+    name = run_id(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    device = resolve_device(cfg.runtime.device)
+    metrics: dict[str, Any] = {"status": "running", "run_id": name, "run_dir": str(run_dir.resolve()),
+                               "seed": cfg.seed, "code_version": git_commit(), "device": str(device),
+                               "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "summary": {}}
+    atomic_write_json(metrics_path, metrics)
+
+    tracker = instantiate_component(cfg.logger)
+    tracker.start(run_dir, name=name, config=resolved, group=sweep_group)
+    progress = bool(cfg.runtime.progress)
+    try:
+        seed_everything(cfg.seed)
+        data = instantiate_component(cfg.dataset)
+        model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
+        method = instantiate_component(cfg.method) if cfg.get("method") else StandardTraining()
+        trainer = instantiate_component(cfg.trainer)
+        print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
+              f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
+              f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}")
+        train_ctx = TrainContext(run_dir=run_dir, device=device, seed=cfg.seed, log=tracker.log, progress=progress,
+                                 num_workers=cfg.runtime.num_workers)
+        metrics["train"] = trainer.fit(model, method, data.train, train_ctx)
+        atomic_write_json(metrics_path, metrics)
+
+        eval_ctx = EvalContext(run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
+                               num_workers=cfg.runtime.num_workers, log=lambda m: tracker.log(m))
+        tables = []
+        for key, node in (cfg.eval.get("evaluators") or {}).items():
+            evaluator = instantiate_component(node)
+            result = evaluator.evaluate(model, data, eval_ctx)
+            metrics[key] = result
+            metrics["summary"].update(evaluator.headline(result))
+            tables.append(f"## {key}\n\n{evaluator.table(result)}")
+            atomic_write_json(metrics_path, metrics)  # nothing computed is lost if a later step fails
+        if "clean_top1" in metrics["summary"] and "mCA" in metrics["summary"]:
+            metrics["summary"]["clean_gap"] = metrics["summary"]["clean_top1"] - metrics["summary"]["mCA"]
+    except BaseException as exc:
+        metrics["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        metrics["error"] = f"{type(exc).__name__}: {exc}"
+        metrics["traceback"] = traceback.format_exc()
+        atomic_write_json(metrics_path, metrics)
+        tracker.finish(exit_code=1)
+        raise
+
+    metrics["status"] = "complete"
+    metrics["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    summary_text = "\n\n".join(tables + [f"## summary\n\n{_headline_table(metrics['summary'])}"])
+    atomic_write_bytes(run_dir / SUMMARY_FILE, (f"# {name}\n\n{summary_text}\n").encode())
+    atomic_write_json(metrics_path, metrics)
+    tracker.summary(metrics["summary"])
+    tracker.finish(exit_code=0)
+    print(f"\n{summary_text}\n\n[robustexp] metrics: {metrics_path}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
+    torch.set_num_threads(cfg.runtime.threads) if cfg.runtime.get("threads") else None
+    try:
+        return run(cfg, hydra_cfg.runtime.output_dir, sweep_group=sweep_group)
+    except RobustexpError as exc:
+        if multirun:
+            raise
+        raise SystemExit(f"robustexp: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

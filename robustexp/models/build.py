@@ -1,0 +1,89 @@
+"""Build the model of a run from its config, wrap it with input normalization, load weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from robustexp.errors import ConfigError
+
+MODEL_META_KEYS = ("name", "checkpoint", "input_channels")
+
+
+class NormalizedClassifier(nn.Module):
+    """``net((x - mean) / std)`` for images ``x`` in [0, 1].
+
+    Keeping normalization inside the model lets methods, corruptions, noise and attacks all
+    work in pixel space. One-channel images are repeated to ``net_channels`` when the network
+    expects RGB (a torchvision ResNet on MNIST, say).
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], net_channels: int | None = None):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.net_channels = net_channels or len(mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if x.shape[1] != self.net_channels:
+            x = x.expand(-1, self.net_channels, -1, -1) if x.shape[1] == 1 else x
+        return self.net(x)
+
+
+def build_model(model_cfg: DictConfig | Mapping, num_classes: int, mean: Sequence[float], std: Sequence[float]
+                ) -> NormalizedClassifier:
+    """Instantiate ``model_cfg`` (a ``_target_`` plus arguments) with the dataset's number of
+    classes and channels, load ``model_cfg.checkpoint`` if given, and add normalization."""
+    cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)) if not isinstance(model_cfg, DictConfig) \
+        else model_cfg
+    net_channels = cfg.get("input_channels") or len(mean)
+    kwargs = {k: v for k, v in cfg.items() if k not in MODEL_META_KEYS}
+    if "_target_" not in kwargs:
+        raise ConfigError(f"model config {cfg.get('name', '?')!r} has no _target_")
+    net = instantiate(OmegaConf.create(kwargs), num_classes=num_classes, in_channels=net_channels)
+    if cfg.get("checkpoint"):
+        load_weights(net, cfg.checkpoint)
+    return NormalizedClassifier(net, mean, std, net_channels=net_channels)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file loaded with ``weights_only=True``
+    (no arbitrary code is unpickled). Accepts our run checkpoints (``{"model": ...}``) and the
+    common ``state_dict`` / ``model`` / ``module.`` wrappings."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.checkpoint={path} does not exist (expected a .pt/.pth or .safetensors file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors name the refused global
+            raise ConfigError(f"model.checkpoint={path}: cannot load it with weights_only=True ({exc})") from exc
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"model.checkpoint={path}: expected a state dict, found {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(net: nn.Module, path: str | Path) -> None:
+    """Load weights into ``net`` (the network inside the normalization wrapper). Weights saved
+    from a :class:`NormalizedClassifier` (keys ``net.*``, ``mean``, ``std``) are accepted too."""
+    state = read_state_dict(path)
+    if any(k.startswith("net.") for k in state):
+        state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.checkpoint={path} does not fit the model {type(net).__name__}: {exc}") from exc

@@ -1,0 +1,3 @@
+from robustexp.training.trainer import Trainer
+
+__all__ = ["Trainer"]
