@@ -20,9 +20,9 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from robustexp.config import instantiate_component
 from robustexp.errors import RobustexpError
 from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.report import format_table
@@ -35,15 +35,7 @@ from robustexp.utils import atomic_write_bytes, atomic_write_json, git_commit, r
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.yaml"
-META_KEYS = ("name",)
-
 register_resolvers()
-
-
-def instantiate_component(node: DictConfig | None, **kwargs):
-    """``hydra.utils.instantiate`` of a group's node, leaving out descriptive keys (``name``)."""
-    plain = {k: v for k, v in node.items() if k not in META_KEYS}
-    return instantiate(OmegaConf.create(plain), **kwargs)
 
 
 def _headline_table(headline: Mapping[str, float]) -> str:

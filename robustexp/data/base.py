@@ -90,6 +90,9 @@ def stratified_split(labels: torch.Tensor, n_train: int, n_test: int, seed: int)
     train_per_class, test_per_class = allocate(n_train), allocate(n_test)
     train_idx, test_idx = [], []
     for c, k_train, k_test in zip(classes, train_per_class, test_per_class):
+        if k_train + k_test > (labels == c).sum():
+            raise ConfigError(f"class {int(c)} has too few examples for a stratified split of "
+                              f"{n_train}/{n_test}; lower n_train or n_test")
         members = torch.nonzero(labels == c).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         train_idx.append(members[:k_train])

@@ -39,12 +39,12 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DatasetError(f"{path}: not an idx file of unsigned bytes (bad magic number {data[:4]!r})")
     ndim = data[3]
-    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(data) != expected:
-        raise DatasetError(f"{path}: idx header announces shape {tuple(dims)} ({expected} bytes) "
+        raise DatasetError(f"{path}: idx header announces shape {dims} ({expected} bytes) "
                            f"but the file has {len(data)} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError
 
 MODEL_META_KEYS = ("name", "checkpoint", "input_channels")
@@ -44,10 +44,9 @@ def build_model(model_cfg: DictConfig | Mapping, num_classes: int, mean: Sequenc
     cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)) if not isinstance(model_cfg, DictConfig) \
         else model_cfg
     net_channels = cfg.get("input_channels") or len(mean)
-    kwargs = {k: v for k, v in cfg.items() if k not in MODEL_META_KEYS}
-    if "_target_" not in kwargs:
+    if "_target_" not in cfg:
         raise ConfigError(f"model config {cfg.get('name', '?')!r} has no _target_")
-    net = instantiate(OmegaConf.create(kwargs), num_classes=num_classes, in_channels=net_channels)
+    net = instantiate_component(cfg, meta_keys=MODEL_META_KEYS, num_classes=num_classes, in_channels=net_channels)
     if cfg.get("checkpoint"):
         load_weights(net, cfg.checkpoint)
     return NormalizedClassifier(net, mean, std, net_channels=net_channels)

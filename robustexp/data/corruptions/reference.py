@@ -6,6 +6,9 @@ Compatibility, kept local to the package's module (nothing global is patched):
   removed from scikit-image; we hand the module a ``gaussian`` that maps it to ``channel_axis=-1``.
 * ``fog`` uses ``np.float_``, removed in numpy 2; the module sees a numpy proxy that maps it to
   ``np.float64``.
+* ``impulse_noise`` calls ``skimage.util.random_noise`` without an ``rng``, which then draws from
+  a fresh, unseeded generator; the module sees a ``skimage`` proxy whose ``random_noise`` takes its
+  ``rng`` seed from numpy's global RNG, so impulse noise is seeded like the other corruptions.
 * ``corrupt()`` refuses images under 32 px; we call the per-corruption functions directly,
   which accept them.
 
@@ -52,6 +55,31 @@ def _gaussian_compat(image, sigma, multichannel=None, **kwargs):
     return gaussian(image, sigma=sigma, **kwargs)
 
 
+class _SeededSkimageUtil:
+    def __getattr__(self, name):
+        import skimage.util
+
+        return getattr(skimage.util, name)
+
+    @staticmethod
+    def random_noise(image, **kwargs):
+        import skimage.util
+
+        kwargs.setdefault("rng", int(np.random.randint(0, 2**31 - 1)))
+        return skimage.util.random_noise(image, **kwargs)
+
+
+class _SkimageWithSeededNoise:
+    """skimage, whose ``util.random_noise`` draws its seed from numpy's global RNG."""
+
+    util = _SeededSkimageUtil()
+
+    def __getattr__(self, name):
+        import skimage
+
+        return getattr(skimage, name)
+
+
 def _reference_functions():
     """The package's 19 corruption functions, with the compatibility shims installed."""
     import warnings
@@ -62,6 +90,7 @@ def _reference_functions():
     if not isinstance(module.np, _NumpyWithFloat_):
         module.np = _NumpyWithFloat_()
         module.gaussian = _gaussian_compat
+        module.sk = _SkimageWithSeededNoise()
     return {name: getattr(module, name) for name in ALL_CORRUPTIONS}
 
 

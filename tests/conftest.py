@@ -1,0 +1,35 @@
+"""Shared fixtures: compose the real configs (conf/) at toy size."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from robustexp.main import CONFIG_DIR  # also registers the ${run_id:} resolver
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TOY = [
+    "logger.mode=disabled",
+    "runtime.progress=false",
+    "dataset.n_train=500",
+    "dataset.n_test=100",
+    "trainer.epochs=2",
+    "trainer.batch_size=25",
+    "eval.evaluators.corruptions.corruptions=[gaussian_noise,contrast]",
+    "eval.evaluators.corruptions.severities=[1,3]",
+    "eval.evaluators.corruptions.engine.workers=1",
+]
+
+
+def compose_config(overrides=(), toy: bool = True, return_hydra_config: bool = False):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[*(TOY if toy else []), *overrides],
+                       return_hydra_config=return_hydra_config)
+
+
+@pytest.fixture
+def toy_config():
+    return compose_config

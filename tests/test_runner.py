@@ -1,0 +1,124 @@
+"""The runner end to end at toy size: outputs, resume after interruption, NaN loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustexp.errors import NonFiniteLossError
+from robustexp.main import run
+from robustexp.methods.standard import StandardTraining
+from robustexp.training.trainer import Trainer
+from tests.conftest import compose_config
+
+RESUME = ["trainer.epochs=3"]
+
+
+def _comparable(metrics):
+    """Everything that must not depend on interruptions (timings and paths excluded)."""
+    history = [{k: v for k, v in h.items() if k != "images_per_s"} for h in metrics["train"]["history"]]
+    grid = metrics["corruptions"]["grid"]
+    return {"history": history, "clean": metrics["clean"], "grid": grid, "summary": metrics["summary"]}
+
+
+def test_toy_run_writes_config_metrics_summary_and_checkpoints(tmp_path, capsys):
+    cfg = compose_config()
+    metrics = run(cfg, tmp_path)
+    assert metrics["status"] == "complete"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["summary"] == metrics["summary"]
+    assert set(on_disk["corruptions"]["grid"]) == {"gaussian_noise", "contrast"}
+    assert set(on_disk["corruptions"]["grid"]["contrast"]) == {"1", "3"}
+    assert on_disk["clean"]["n"] == 100 and on_disk["clean"]["top1"] > 30  # well above chance after 2 epochs
+    assert set(on_disk["summary"]) >= {"clean_top1", "clean_top5", "mCA", "mCA_without_noise", "mean_uCE"}
+    assert (tmp_path / "config.yaml").read_text().count("n_train: 500") == 1
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "model_final.pt").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    out = capsys.readouterr().out
+    assert "| corruption (top-1 %)" in out and "mCA" in out and "| clean_top1" in out
+    # a rerun of a finished config reports it instead of recomputing
+    again = run(cfg, tmp_path)
+    assert again["finished"] == metrics["finished"]
+    assert "already holds a complete run" in capsys.readouterr().out
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    reference = run(compose_config(RESUME), tmp_path / "uninterrupted")
+
+    # 1) killed right after the checkpoint of epoch 1
+    calls = {"n": 0}
+    original_save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise _Interrupt()
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(RESUME), tmp_path / "interrupted")
+    state = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
+    assert state["status"] == "interrupted"
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original_save)
+
+    # 2) killed in the middle of epoch 2 (after some optimizer steps that are then lost)
+    steps = {"n": 0}
+    original_step = StandardTraining.training_step
+
+    def step_then_die(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 3:
+            raise _Interrupt()
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(StandardTraining, "training_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(RESUME), tmp_path / "interrupted")
+    monkeypatch.setattr(StandardTraining, "training_step", original_step)
+    assert torch.load(tmp_path / "interrupted" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+    resumed = run(compose_config(RESUME), tmp_path / "interrupted")
+    assert resumed["status"] == "complete"
+    assert _comparable(resumed) == _comparable(reference)
+    final_a = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "model_final.pt", weights_only=True)
+    final_b = torch.load(tmp_path / "interrupted" / "checkpoints" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+class NanAfterSteps(StandardTraining):
+    """Standard training whose loss becomes NaN after ``steps`` steps (a diverging run)."""
+
+    name = "nan_after_steps"
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.count = steps, 0
+
+    def training_step(self, model, images, labels):
+        loss, logs = super().training_step(model, images, labels)
+        self.count += 1
+        return (loss * float("nan") if self.count > self.steps else loss), logs
+
+
+def test_nan_loss_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = compose_config(["+method=standard", "trainer.epochs=3"])
+    cfg.method = {"name": "nan", "_target_": "tests.test_runner.NanAfterSteps", "steps": 22}  # 20 steps per epoch
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 2, step 3 .*lower trainer.optimizer.lr"):
+        run(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "NonFiniteLossError" in metrics["error"]
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_diverging_learning_rate_is_caught(tmp_path):
+    cfg = compose_config(["trainer.optimizer.lr=1e30", "trainer.epochs=1"])
+    with pytest.raises(NonFiniteLossError, match=r"training loss is (nan|inf)"):
+        run(cfg, tmp_path)
