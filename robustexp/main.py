@@ -75,6 +75,8 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
         method = instantiate_component(cfg.method) if cfg.get("method") else StandardTraining()
         trainer = instantiate_component(cfg.trainer)
+        # built before training, so that a bad eval option fails now rather than after training
+        evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()}
         print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
               f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
               f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}")
@@ -86,8 +88,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         eval_ctx = EvalContext(run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
                                num_workers=cfg.runtime.num_workers, log=lambda m: tracker.log(m))
         tables = []
-        for key, node in (cfg.eval.get("evaluators") or {}).items():
-            evaluator = instantiate_component(node)
+        for key, evaluator in evaluators.items():
             result = evaluator.evaluate(model, data, eval_ctx)
             metrics[key] = result
             metrics["summary"].update(evaluator.headline(result))
@@ -119,7 +120,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
-    torch.set_num_threads(cfg.runtime.threads) if cfg.runtime.get("threads") else None
+    if cfg.runtime.get("threads"):
+        torch.set_num_threads(cfg.runtime.threads)
     try:
         return run(cfg, hydra_cfg.runtime.output_dir, sweep_group=sweep_group)
     except RobustexpError as exc:

@@ -122,3 +122,12 @@ def test_a_diverging_learning_rate_is_caught(tmp_path):
     cfg = compose_config(["trainer.optimizer.lr=1e30", "trainer.epochs=1"])
     with pytest.raises(NonFiniteLossError, match=r"training loss is (nan|inf)"):
         run(cfg, tmp_path)
+
+
+def test_a_bad_eval_option_fails_before_training(tmp_path):
+    from robustexp.errors import ConfigError
+
+    cfg = compose_config(["eval.evaluators.corruptions.corruptions=[fog,rain]"])
+    with pytest.raises(ConfigError, match="unknown corruption"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

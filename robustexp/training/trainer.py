@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class TrainContext:
     log: Callable[[dict[str, Any], int | None], None] = lambda metrics, step=None: None
     progress: bool = True
     num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _accepts(factory: Callable, parameter: str) -> bool:
