@@ -10,13 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustexp.errors import RobustexpError
 
-META_KEYS = ("name",)
+META_KEYS = ("name", "corrupted")  # descriptive keys, not constructor arguments
 
 
 def instantiate_component(node: DictConfig | dict, meta_keys: tuple[str, ...] = META_KEYS, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` of a config group's node, leaving out descriptive keys
     (``name``), and re-raising our own input errors unwrapped so the user sees their message."""
-    plain = {k: v for k, v in node.items() if k not in meta_keys}
+    resolved = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    plain = {k: v for k, v in resolved.items() if k not in meta_keys}  # resolved where it sits in the run config
     try:
         return instantiate(OmegaConf.create(plain), **kwargs)
     except InstantiationException as exc:

@@ -20,13 +20,19 @@ TOY = [
     "trainer.batch_size=25",
     "eval.evaluators.corruptions.corruptions=[gaussian_noise,contrast]",
     "eval.evaluators.corruptions.severities=[1,3]",
-    "eval.evaluators.corruptions.engine.workers=1",
+    "corruptions.engine.workers=1",
 ]
+
+
+def toy_overrides(overrides=()) -> list[str]:
+    """TOY, less the engine setting when the overrides switch the corruption source."""
+    switched = any(o.startswith("corruptions=") for o in overrides)
+    return [o for o in TOY if not (switched and o.startswith("corruptions."))]
 
 
 def compose_config(overrides=(), toy: bool = True, return_hydra_config: bool = False):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[*(TOY if toy else []), *overrides],
+        return compose("config", overrides=[*(toy_overrides(overrides) if toy else []), *overrides],
                        return_hydra_config=return_hydra_config)
 
 

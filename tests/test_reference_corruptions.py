@@ -80,5 +80,8 @@ def test_bad_names_and_severities():
         engine(torch.rand(1, 1, 28, 28), "fog", 6, 0)
     assert resolve_corruptions("noise") == ("gaussian_noise", "shot_noise", "impulse_noise")
     assert len(resolve_corruptions("common")) == 15 and len(resolve_corruptions("holdout")) == 4
-    with pytest.raises(ConfigError, match="unknown corruption"):
+    with pytest.raises(ConfigError, match=r"unknown imagenet_c corruption\(s\) \['rain'\]"):
         resolve_corruptions(["fog", "rain"])
+    assert resolve_corruptions("common", "mnist_c")[-1] == "canny_edges"
+    with pytest.raises(ConfigError, match="unknown mnist_c corruption"):
+        resolve_corruptions(["frost"], "mnist_c")

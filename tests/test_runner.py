@@ -128,6 +128,6 @@ def test_a_bad_eval_option_fails_before_training(tmp_path):
     from robustexp.errors import ConfigError
 
     cfg = compose_config(["eval.evaluators.corruptions.corruptions=[fog,rain]"])
-    with pytest.raises(ConfigError, match="unknown corruption"):
+    with pytest.raises(ConfigError, match=r"unknown imagenet_c corruption\(s\) \['rain'\]"):
         run(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()

@@ -2,6 +2,6 @@
 
 from robustexp.evaluation.base import EvalContext, Evaluator
 from robustexp.evaluation.clean import CleanEvaluator
-from robustexp.evaluation.corruptions import CorruptionEvaluator
+from robustexp.evaluation.corruptions import CorruptionEvaluator, MixedCorruptionEvaluator
 
-__all__ = ["CleanEvaluator", "CorruptionEvaluator", "EvalContext", "Evaluator"]
+__all__ = ["CleanEvaluator", "CorruptionEvaluator", "MixedCorruptionEvaluator", "EvalContext", "Evaluator"]

@@ -18,24 +18,121 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] =
     return {k: int(hits[:, :min(k, max_k)].any(dim=1).sum()) for k in ks}
 
 
+# ImageNet-C errors of AlexNet, mean over the 5 severities (Hendrycks & Dietterich 2019).
+ALEXNET_ERRORS = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
+    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+    "speckle_noise": 0.845388, "gaussian_blur": 0.787108, "spatter": 0.717512, "saturate": 0.658248,
+}
+ALEXNET_CLEAN_ERROR = 0.43478
+
+
+def rms_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bin_size: int = 100) -> float:
+    """RMS calibration error (Hendrycks et al.), in percent: sort by confidence, cut into
+    adjacent bins of ``bin_size`` examples (the last bin takes the remainder), and return
+    ``sqrt(sum_b |b|/n * (acc_b - conf_b)^2)``."""
+    n = len(confidence)
+    if n == 0:
+        return float("nan")
+    order = torch.argsort(confidence.double(), stable=True)
+    conf, corr = confidence.double()[order], correct.double()[order]
+    n_bins = max(n // bin_size, 1)
+    edges = [i * bin_size for i in range(n_bins)] + [n]
+    total = 0.0
+    for start, stop in zip(edges[:-1], edges[1:]):
+        gap = corr[start:stop].mean() - conf[start:stop].mean()
+        total += (stop - start) / n * float(gap) ** 2
+    return 100.0 * total ** 0.5
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017), in percent: ``sum_b |b|/n * |acc_b - conf_b|`` over ``n_bins``
+    equal-width confidence bins (lo, hi]."""
+    n = len(confidence)
+    if n == 0:
+        return float("nan")
+    conf, corr = confidence.double(), correct.double()
+    index = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        members = index == b
+        if members.any():
+            total += float(members.sum()) / n * abs(float(corr[members].mean() - conf[members].mean()))
+    return 100.0 * total
+
+
 class AccuracyMeter:
-    """Accumulates top-1 / top-5 counts and the summed cross-entropy over batches."""
+    """Accumulates top-1 / top-5 counts, the summed cross-entropy and the (confidence,
+    correct) pairs for calibration over batches."""
 
     def __init__(self):
         self.n = 0
         self.correct = {1: 0, 5: 0}
         self.loss_sum = 0.0
+        self.confidences: list[torch.Tensor] = []
+        self.hits: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         for k, c in topk_correct(logits, labels, (1, 5)).items():
             self.correct[k] += c
-        self.loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        logits = logits.float()
+        self.loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        confidence, prediction = logits.softmax(dim=1).max(dim=1)
+        self.confidences.append(confidence.cpu())
+        self.hits.append(prediction.eq(labels).cpu())
         self.n += len(labels)
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)
+        confidence = torch.cat(self.confidences) if self.confidences else torch.empty(0)
+        correct = torch.cat(self.hits) if self.hits else torch.empty(0)
         return {"top1": 100.0 * self.correct[1] / n, "top5": 100.0 * self.correct[5] / n,
-                "loss": self.loss_sum / n, "n": self.n}
+                "loss": self.loss_sum / n, "rms_calibration_error": rms_calibration_error(confidence, correct),
+                "ece": expected_calibration_error(confidence, correct), "n": self.n}
+
+
+def corruption_errors(errors: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float] | float],
+                      clean_error: float | None = None, baseline_clean_error: float | None = None
+                      ) -> dict[str, dict[str, float]]:
+    """Corruption error and relative corruption error per corruption (Hendrycks & Dietterich 2019).
+
+    ``errors[c][s]`` and ``baseline[c][s]`` are error rates (any unit, the same for both);
+    ``baseline[c]`` may also be a single number, the baseline's mean error over the five
+    severities (as the AlexNet constants are), which then stands for every severity.
+
+    * ``CE_c = sum_s err(c, s) / sum_s err_base(c, s)``
+    * ``relative_CE_c = sum_s (err(c, s) - err_clean) / sum_s (err_base(c, s) - err_base_clean)``
+    Ratios are returned in percent, as papers report mCE.
+    """
+    out = {}
+    for name, by_severity in errors.items():
+        if name not in baseline:
+            continue
+        base = baseline[name]
+        base_by_s = {s: float(base) for s in by_severity} if not isinstance(base, Mapping) else \
+            {s: float(base[s]) for s in by_severity if s in base}
+        if len(base_by_s) != len(by_severity):
+            raise ValueError(f"the baseline lacks severities {sorted(set(by_severity) - set(base_by_s))} of {name}")
+        entry = {"CE": 100.0 * sum(by_severity.values()) / sum(base_by_s.values())}
+        if clean_error is not None and baseline_clean_error is not None:
+            numerator = sum(e - clean_error for e in by_severity.values())
+            denominator = sum(e - baseline_clean_error for e in base_by_s.values())
+            entry["relative_CE"] = 100.0 * numerator / denominator
+        out[name] = entry
+    return out
+
+
+def mean_corruption_error(per_corruption: Mapping[str, Mapping[str, float]], names) -> dict[str, float]:
+    """mCE (and relative mCE) = mean of CE_c over ``names`` that are present, in percent."""
+    present = [n for n in names if n in per_corruption]
+    result = {"corruptions": len(present)}
+    for key, out_key in (("CE", "mCE"), ("relative_CE", "relative_mCE")):
+        values = [per_corruption[n][key] for n in present if key in per_corruption[n]]
+        if values:
+            result[out_key] = sum(values) / len(values)
+    return result
 
 
 def corruption_summary(top1: Mapping[str, Mapping[int | str, float]], clean_top1: float | None = None

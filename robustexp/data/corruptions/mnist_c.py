@@ -48,12 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robustexp.data.corruptions.names import MNIST_C_CORRUPTIONS
 from robustexp.errors import ConfigError
 from robustexp.utils import derive_seed
 
-MNIST_C_CORRUPTIONS = ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate",
-                       "brightness", "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag",
-                       "canny_edges")
 MNIST_C_NAMES = ("identity",) + MNIST_C_CORRUPTIONS  # every name the engine accepts
 
 # The benchmark's fixed parameters (google-research/mnist-c corruptions.py, default severities).
@@ -598,6 +596,7 @@ class MnistCCorruptionEngine:
     """
 
     name = "mnist_c"
+    family = "mnist_c"
 
     def __call__(self, images: torch.Tensor, name: str, severity: int | None = None, seed: int = 0) -> torch.Tensor:
         if name not in MNIST_C_NAMES:

@@ -17,19 +17,34 @@ HOLDOUT_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS = TEST_CORRUPTIONS + HOLDOUT_CORRUPTIONS
 NOISE_CORRUPTIONS = CORRUPTION_CATEGORIES["noise"]
 
-_NAMED_SETS = {"common": TEST_CORRUPTIONS, "test": TEST_CORRUPTIONS, "holdout": HOLDOUT_CORRUPTIONS,
-               "all": ALL_CORRUPTIONS, **CORRUPTION_CATEGORIES}
+# MNIST-C (Mu & Gilmer 2019): 15 corruptions, one fixed strength each (reported as severity 1)
+MNIST_C_CORRUPTIONS = ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate",
+                       "brightness", "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag",
+                       "canny_edges")
+
+FAMILIES = {
+    "imagenet_c": {"common": TEST_CORRUPTIONS, "test": TEST_CORRUPTIONS, "holdout": HOLDOUT_CORRUPTIONS,
+                   "all": ALL_CORRUPTIONS, **CORRUPTION_CATEGORIES},
+    "mnist_c": {"common": MNIST_C_CORRUPTIONS, "all": MNIST_C_CORRUPTIONS,
+                "noise": ("shot_noise", "impulse_noise")},
+}
+FAMILY_SEVERITIES = {"imagenet_c": (1, 2, 3, 4, 5), "mnist_c": (1,)}
 
 
-def resolve_corruptions(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """A named set ('common', 'holdout', 'all', 'noise', 'blur', 'weather', 'digital') or a list of names."""
+def resolve_corruptions(spec: str | Sequence[str], family: str = "imagenet_c") -> tuple[str, ...]:
+    """A named set of the family ('common', 'holdout', 'all', 'noise', 'blur', 'weather',
+    'digital' for ImageNet-C; 'common' / 'all' for MNIST-C) or a list of names."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown corruption family {family!r}; expected one of {list(FAMILIES)}")
+    sets = FAMILIES[family]
     if isinstance(spec, str):
-        if spec in _NAMED_SETS:
-            return _NAMED_SETS[spec]
+        if spec in sets:
+            return sets[spec]
         spec = [spec]
     names = tuple(spec)
-    unknown = [n for n in names if n not in ALL_CORRUPTIONS]
+    universe = sets["all"]
+    unknown = [n for n in names if n not in universe]
     if unknown:
-        raise ConfigError(f"unknown corruption(s) {unknown}; expected names from {list(ALL_CORRUPTIONS)} "
-                          f"or one of the sets {list(_NAMED_SETS)}")
+        raise ConfigError(f"unknown {family} corruption(s) {unknown}; expected names from {list(universe)} "
+                          f"or one of the sets {list(sets)}")
     return names

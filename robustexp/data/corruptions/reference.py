@@ -138,6 +138,7 @@ class ReferenceCorruptionEngine:
     """
 
     name = "reference"
+    family = "imagenet_c"
 
     def __init__(self, workers: int | None = None):
         self.workers = int(workers) if workers is not None else min(2, os.cpu_count() or 1)
