@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from robustexp.config import instantiate_component
-from robustexp.errors import RobustexpError
+from robustexp.errors import ConfigError, RobustexpError
 from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.report import format_table
 from robustexp.methods.standard import StandardTraining
@@ -36,6 +36,19 @@ from robustexp.utils import atomic_write_bytes, atomic_write_json, git_commit, r
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.yaml"
 register_resolvers()
+
+
+def adaptation_variants(node: DictConfig | None) -> dict[str, Any]:
+    """``{"none": None}`` without ``+adaptation``; otherwise the config's variants, preceded by
+    the unadapted model unless ``evaluate_unadapted: false``."""
+    if not node:
+        return {"none": None}
+    variants = {"none": None} if node.get("evaluate_unadapted", True) else {}
+    for name, variant in node.variants.items():
+        if name == "none":
+            raise ConfigError("adaptation variant name 'none' is reserved for the unadapted model")
+        variants[name] = instantiate_component(variant)
+    return variants
 
 
 def _headline_table(headline: Mapping[str, float]) -> str:
@@ -75,8 +88,9 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
         method = instantiate_component(cfg.method) if cfg.get("method") else StandardTraining()
         trainer = instantiate_component(cfg.trainer)
-        # built before training, so that a bad eval option fails now rather than after training
+        # built before training, so that a bad eval or adaptation option fails now rather than after training
         evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()}
+        variants = adaptation_variants(cfg.get("adaptation"))
         print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
               f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
               f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}")
@@ -85,17 +99,37 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         metrics["train"] = trainer.fit(model, method, data.train, train_ctx)
         atomic_write_json(metrics_path, metrics)
 
-        eval_ctx = EvalContext(run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
-                               num_workers=cfg.runtime.num_workers, log=lambda m: tracker.log(m))
-        tables = []
-        for key, evaluator in evaluators.items():
-            result = evaluator.evaluate(model, data, eval_ctx)
-            metrics[key] = result
-            metrics["summary"].update(evaluator.headline(result))
-            tables.append(f"## {key}\n\n{evaluator.table(result)}")
-            atomic_write_json(metrics_path, metrics)  # nothing computed is lost if a later step fails
-        if "clean_top1" in metrics["summary"] and "mCA" in metrics["summary"]:
-            metrics["summary"]["clean_gap"] = metrics["summary"]["clean_top1"] - metrics["summary"]["mCA"]
+        tables, comparison = [], {}
+        for variant, adaptation in variants.items():
+            suffix = "" if variant == "none" else f"@{variant}"
+            if adaptation is not None:
+                adaptation.attach(model)
+                metrics.setdefault("adaptation", {})[variant] = adaptation.describe()
+                print(f"[robustexp] evaluating with {variant}: {adaptation.describe()}")
+            eval_ctx = EvalContext(run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
+                                   num_workers=cfg.runtime.num_workers,
+                                   log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()}),
+                                   adaptation=adaptation)
+            try:
+                for key, evaluator in evaluators.items():
+                    result = evaluator.evaluate(model, data, eval_ctx)
+                    metrics[key + suffix] = result
+                    metrics["summary"].update({k + suffix: v for k, v in evaluator.headline(result).items()})
+                    tables.append(f"## {key}{suffix}\n\n{evaluator.table(result)}")
+                    for label, value in evaluator.compare_rows(result):
+                        comparison.setdefault(label, {})[variant] = value
+                    atomic_write_json(metrics_path, metrics)  # nothing computed is lost if a later step fails
+            finally:
+                if adaptation is not None:
+                    adaptation.detach()
+        summary = metrics["summary"]
+        if "clean_top1" in summary and "mCA" in summary:
+            summary["clean_gap"] = summary["clean_top1"] - summary["mCA"]
+        if len(variants) > 1:
+            names = list(variants)
+            tables.append("## top-1 % by test-time adaptation\n\n" + format_table(
+                ["", *names], [[label, *(row.get(v, "") for v in names)] for label, row in comparison.items()],
+                precision=1))
     except BaseException as exc:
         metrics["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         metrics["error"] = f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,10 @@ def test_every_config_option_composes(group, option):
     container = {key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=False)
                  if OmegaConf.is_config(cfg[key]) else cfg[key] for key in cfg if key != "hydra"}
     assert group in container
-    assert "_target_" in container[group] or group == "eval"
+    if group == "adaptation":
+        assert all("_target_" in v for v in container[group]["variants"].values())
+    elif group != "eval":
+        assert "_target_" in container[group]
     assert cfg.hydra.run.dir.startswith("outputs/runs/")
 
 

@@ -23,6 +23,7 @@ class EvalContext:
     progress: bool = True
     num_workers: int = 0
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
+    adaptation: Any = None   # a test-time adaptation attached to the model (robustexp.adaptation), or None
 
 
 class Evaluator:
@@ -39,6 +40,10 @@ class Evaluator:
         """The few numbers that go into the run's summary (and W&B's run summary)."""
         return {}
 
+    def compare_rows(self, results: dict[str, Any]) -> list[tuple[str, float]]:
+        """(label, top-1 %) rows for the table that compares adaptation variants."""
+        return []
+
 
 def test_batches(dataset: Dataset, batch_size: int, ctx: EvalContext, max_images: int | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,15 +55,50 @@ def test_batches(dataset: Dataset, batch_size: int, ctx: EvalContext, max_images
     yield from loader
 
 
+def rebatch(batches, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Regroup a stream of (images, labels) batches into batches of exactly ``batch_size``
+    (the last one may be smaller)."""
+    pending_x, pending_y, count = [], [], 0
+    for images, labels in batches:
+        pending_x.append(images)
+        pending_y.append(labels)
+        count += len(labels)
+        while count >= batch_size:
+            x, y = torch.cat(pending_x), torch.cat(pending_y)
+            yield x[:batch_size], y[:batch_size]
+            pending_x, pending_y, count = [x[batch_size:]], [y[batch_size:]], count - batch_size
+    if count:
+        yield torch.cat(pending_x), torch.cat(pending_y)
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, device: torch.device,
-                     transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, float]:
-    """Top-1 / top-5 / loss of ``model`` in eval mode over ``batches``; ``transform(images, index)``
-    is applied to each batch first (a corruption, noise)."""
+                     after_first_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 / loss / calibration of ``model`` in eval mode over ``batches``."""
     model.eval()
     meter = AccuracyMeter()
     for index, (images, labels) in enumerate(batches):
-        if transform is not None:
-            images = transform(images, index)
         meter.update(model(images.to(device, non_blocking=True)), labels.to(device))
+        if index == 0 and after_first_batch is not None:
+            after_first_batch()
     return meter.result()
+
+
+def evaluate_subset(model: nn.Module, make_batches: Callable[[int], Iterator], ctx: EvalContext,
+                    batch_size: int) -> dict[str, float]:
+    """Evaluate one subset (the clean test split, or one corruption at one severity) under the
+    context's test-time adaptation: statistics are reset before and after, so nothing leaks
+    between subsets; the adaptation's batch size n replaces the evaluator's; full adaptation
+    first estimates the statistics over the whole subset."""
+    adaptation = ctx.adaptation
+    if adaptation is None:
+        return evaluate_batches(model, make_batches(batch_size), ctx.device)
+    n = getattr(adaptation, "batch_size", None) or batch_size
+    adaptation.reset()
+    try:
+        if getattr(adaptation, "full", False):
+            adaptation.estimate_full(model, make_batches(batch_size), ctx.device)
+        freeze = adaptation.freeze if getattr(adaptation, "freeze_after", False) else None
+        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze)
+    finally:
+        adaptation.reset()

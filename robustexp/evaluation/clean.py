@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_batches, test_batches
+from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
 from robustexp.evaluation.report import format_table
 
 
@@ -12,13 +12,18 @@ class CleanEvaluator(Evaluator):
         self.max_images = max_images
 
     def evaluate(self, model, data, ctx: EvalContext):
-        result = evaluate_batches(model, test_batches(data.test, self.batch_size, ctx, self.max_images), ctx.device)
+        result = evaluate_subset(model, lambda n: test_batches(data.test, n, ctx, self.max_images), ctx,
+                                 self.batch_size)
         ctx.log({f"clean/{k}": v for k, v in result.items()})
         return result
 
     def table(self, results):
-        return format_table(["clean", "top-1 %", "top-5 %", "loss", "images"],
-                            [["test split", results["top1"], results["top5"], results["loss"], results["n"]]])
+        return format_table(["clean", "top-1 %", "top-5 %", "loss", "RMS cal. %", "ECE %", "images"],
+                            [["test split", results["top1"], results["top5"], results["loss"],
+                              results["rms_calibration_error"], results["ece"], results["n"]]])
+
+    def compare_rows(self, results):
+        return [("clean", results["top1"])]
 
     def headline(self, results):
         return {"clean_top1": results["top1"], "clean_top5": results["top5"]}

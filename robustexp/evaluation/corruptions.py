@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from robustexp.data.corruptions.names import FAMILY_SEVERITIES, TEST_CORRUPTIONS, resolve_corruptions
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_batches, test_batches
+from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
 from robustexp.evaluation.metrics import (ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, AccuracyMeter, corruption_errors,
                                           corruption_summary, mean_corruption_error)
 from robustexp.evaluation.report import format_table
@@ -82,8 +82,9 @@ class CorruptionEvaluator(Evaluator):
         try:
             for name, severity in bar:
                 bar.set_postfix_str(f"{name} s{severity}")
-                batches = self.source.batches(data, name, severity, self.batch_size, ctx, self.max_images)
-                result = evaluate_batches(model, batches, ctx.device)
+                result = evaluate_subset(
+                    model, lambda n, c=name, s=severity: self.source.batches(data, c, s, n, ctx, self.max_images),
+                    ctx, self.batch_size)
                 grid.setdefault(name, {})[str(severity)] = result
                 ctx.log({f"corruption/{name}/s{severity}/top1": result["top1"]})
         finally:
@@ -99,7 +100,8 @@ class CorruptionEvaluator(Evaluator):
 
     def _normalized(self, model, data, ctx, grid) -> dict:
         errors = {c: {s: 100.0 - r["top1"] for s, r in by_s.items()} for c, by_s in grid.items()}
-        clean = evaluate_batches(model, test_batches(data.test, self.batch_size, ctx, self.max_images), ctx.device)
+        clean = evaluate_subset(model, lambda n: test_batches(data.test, n, ctx, self.max_images), ctx,
+                                self.batch_size)
         clean_error = 100.0 - clean["top1"]
         if self.baseline is None:  # AlexNet: constants are mean errors over the 5 severities
             if set(self.severities) != {1, 2, 3, 4, 5}:
@@ -145,6 +147,14 @@ class CorruptionEvaluator(Evaluator):
         keys = ("mCA", "mCA_without_noise", "mean_uCE", "mCE", "relative_mCE")
         return {k: s[k] for k in keys if k in s}
 
+    def compare_rows(self, results):
+        s = results["summary"]
+        rows = [(name, p["top1_mean"]) for name, p in s["per_corruption"].items()]
+        rows.append(("mCA", s["mCA"]))
+        if "mCE" in s:
+            rows.append(("mCE", s["mCE"]))
+        return rows
+
 
 class MixedCorruptionEvaluator(Evaluator):
     """The "mixed" control (Schneider et al. 2020, Table 4): the images of all (corruption,
@@ -158,6 +168,23 @@ class MixedCorruptionEvaluator(Evaluator):
         self.corruptions, self.severities = _subsets(source, corruptions, severities)
         self.batch_size, self.max_images, self.seed = batch_size, max_images, seed
 
+    def _mixed_batches(self, data, subsets, subset_of, index_in, order, batch_size, progress):
+        """(images, labels, subset index per image) batches of the pooled, shuffled subsets."""
+        n_batches = (len(order) + batch_size - 1) // batch_size
+        for b in tqdm(range(n_batches), desc="mixed corruptions", disable=not progress, mininterval=1.0):
+            positions = order[b * batch_size:(b + 1) * batch_size]
+            images, labels, owners = [], [], []
+            for k in torch.unique(subset_of[positions]).tolist():
+                chosen = positions[subset_of[positions] == k]
+                x, y = self.source.load(data, *subsets[k], index_in[chosen].tolist(), seed=b * 10007 + k)
+                images.append(x.cpu())
+                labels.append(y)
+                owners.append(torch.full((len(y),), k))
+            # a random order within the batch too
+            images, labels, owners = torch.cat(images), torch.cat(labels), torch.cat(owners)
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed + b))
+            yield images[perm], labels[perm], owners[perm]
+
     @torch.no_grad()
     def evaluate(self, model, data, ctx: EvalContext):
         start = time.perf_counter()
@@ -168,28 +195,29 @@ class MixedCorruptionEvaluator(Evaluator):
         index_in = torch.cat([torch.arange(n) for n in sizes])
         order = torch.randperm(len(subset_of), generator=torch.Generator().manual_seed(self.seed))
         overall, per_subset = AccuracyMeter(), [AccuracyMeter() for _ in subsets]
+        adaptation = ctx.adaptation
+        batch_size = (getattr(adaptation, "batch_size", None) if adaptation is not None else None) or self.batch_size
+
+        def batches(n):
+            return self._mixed_batches(data, subsets, subset_of, index_in, order, n, ctx.progress)
+
         model.eval()
-        n_batches = (len(order) + self.batch_size - 1) // self.batch_size
         try:
-            for b in tqdm(range(n_batches), desc="mixed corruptions", disable=not ctx.progress, mininterval=1.0):
-                positions = order[b * self.batch_size:(b + 1) * self.batch_size]
-                images, labels, owners = [], [], []
-                for k in torch.unique(subset_of[positions]).tolist():
-                    chosen = positions[subset_of[positions] == k]
-                    x, y = self.source.load(data, *subsets[k], index_in[chosen].tolist(), seed=b * 10007 + k)
-                    images.append(x.cpu())
-                    labels.append(y)
-                    owners.append(torch.full((len(y),), k))
-                # the batch is the shuffled mix, in a random order within the batch too
-                images, labels, owners = torch.cat(images), torch.cat(labels), torch.cat(owners)
-                perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed + b))
-                images, labels, owners = images[perm], labels[perm], owners[perm]
+            if adaptation is not None:
+                adaptation.reset()
+                if getattr(adaptation, "full", False):  # statistics of the whole pooled set
+                    adaptation.estimate_full(model, ((x, y) for x, y, _ in batches(self.batch_size)), ctx.device)
+            for index, (images, labels, owners) in enumerate(batches(batch_size)):
                 logits = model(images.to(ctx.device))
+                if index == 0 and adaptation is not None and getattr(adaptation, "freeze_after", False):
+                    adaptation.freeze()
                 overall.update(logits, labels.to(ctx.device))
                 for k in torch.unique(owners).tolist():
                     mask = owners == k
                     per_subset[k].update(logits[mask.to(logits.device)], labels[mask].to(ctx.device))
         finally:
+            if adaptation is not None:
+                adaptation.reset()
             self.source.close()
         grid: dict[str, dict[str, dict]] = {}
         for (c, s), meter in zip(subsets, per_subset):
@@ -207,3 +235,6 @@ class MixedCorruptionEvaluator(Evaluator):
 
     def headline(self, results):
         return {"mixed_top1": results["overall"]["top1"]}
+
+    def compare_rows(self, results):
+        return [("mixed", results["overall"]["top1"])]

@@ -1,0 +1,212 @@
+"""Test-time adaptation of BatchNorm statistics (Schneider et al. 2020; Nandy et al. 2021).
+
+Every BatchNorm layer of the model (ours, torchvision's, timm's ``BatchNormAct2d``: any
+``torch.nn.modules.batchnorm._BatchNorm``) gets a forward pre-hook. The model stays in eval
+mode, so each layer normalizes with its running buffers; the hook writes the adapted statistics
+into those buffers before the layer runs. The source statistics are kept aside and restored by
+:meth:`BatchNormAdaptation.reset`, which the evaluators call before every subset: adapted
+statistics never leak from one corruption or severity to the next.
+
+Conventions (the ones a paper's number depends on):
+
+* test statistics ``mu_t, var_t`` are the per-channel mean and variance of the current batch over
+  (N, H, W); ``var_t`` is the **biased** variance by default (what BatchNorm normalizes with in
+  training mode, so that N = 0 reproduces train-mode BN exactly); ``test_variance=unbiased``
+  divides by (m - 1) instead, m = values per channel.
+* source statistics ``mu_s, var_s`` are the layer's running buffers as trained (PyTorch keeps an
+  exponential average of *unbiased* batch variances).
+* ``prior`` (Schneider et al., eq. 3): ``mu = N/(N+n) mu_s + n/(N+n) mu_t`` and the same weights on
+  the variances; n is the number of images in the batch, N the prior strength in pseudo-samples.
+* ``momentum`` (Nandy et al., Sec. 3): ``rho`` weights the test statistics,
+  ``mu = rho mu_t + (1 - rho) mu_s``; the paper writes the mixing on the standard deviation
+  (``mix=std``: ``s = rho s_t + (1 - rho) s_s``), PyTorch's BN momentum mixes variances
+  (``mix=variance``, the default). rho = 0 is the unadapted model, rho = 1 full batch statistics.
+* ``full``: the statistics of the whole subset, estimated in one pass before predicting (each
+  layer sees inputs normalized by batch statistics upstream, as when the running averages are
+  re-estimated in train mode), then frozen; mean and biased variance over all its images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from robustexp.errors import ConfigError
+
+MODES = ("prior", "momentum", "full")
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def batch_statistics(x: torch.Tensor, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of (N, C, ...) over every axis but C."""
+    dims = [d for d in range(x.ndim) if d != 1]
+    x = x.float()
+    return x.mean(dims), x.var(dims, unbiased=unbiased)
+
+
+def mix_statistics(source_mean, source_var, target_mean, target_var, weight_on_target: float, mix: str = "variance"):
+    """Convex combination of source and target statistics, on the variance or on the std."""
+    w = float(weight_on_target)
+    mean = w * target_mean + (1.0 - w) * source_mean
+    if mix == "variance":
+        var = w * target_var + (1.0 - w) * source_var
+    elif mix == "std":
+        var = (w * target_var.clamp_min(0).sqrt() + (1.0 - w) * source_var.clamp_min(0).sqrt()) ** 2
+    else:
+        raise ConfigError(f"adaptation mix={mix!r}; expected 'variance' or 'std'")
+    return mean, var
+
+
+class BatchNormAdaptation:
+    """Adapt the BatchNorm statistics of a model at test time.
+
+    Args:
+        mode: ``prior`` (needs ``prior_strength`` N), ``momentum`` (needs ``momentum`` rho) or ``full``.
+        prior_strength: N, pseudo-samples of source statistics (Schneider et al. eq. 3).
+        momentum: rho, weight of the test statistics (Nandy et al.).
+        batch_size: n, images per test batch the statistics are estimated from (the evaluators use it
+            as their batch size); ``full`` estimates over the whole subset and predicts in batches of n.
+        mix: ``variance`` or ``std``: which quantity is mixed.
+        test_variance: ``biased`` or ``unbiased`` estimate of the batch variance.
+        freeze_after: adapt on the first batch of a subset, then keep those statistics (the
+            adapt-then-freeze protocol that certification and attacks need).
+    """
+
+    def __init__(self, mode: str = "prior", prior_strength: float | None = None, momentum: float | None = None,
+                 batch_size: int | None = None, mix: str = "variance", test_variance: str = "biased",
+                 freeze_after: bool = False):
+        if mode not in MODES:
+            raise ConfigError(f"adaptation mode={mode!r}; expected one of {MODES}")
+        if mode == "prior" and (prior_strength is None or prior_strength < 0):
+            raise ConfigError(f"adaptation mode=prior needs prior_strength N >= 0, got {prior_strength}")
+        if mode == "momentum" and (momentum is None or not 0 <= momentum <= 1):
+            raise ConfigError(f"adaptation mode=momentum needs momentum rho in [0, 1], got {momentum}")
+        if test_variance not in ("biased", "unbiased"):
+            raise ConfigError(f"adaptation test_variance={test_variance!r}; expected 'biased' or 'unbiased'")
+        if mix not in ("variance", "std"):
+            raise ConfigError(f"adaptation mix={mix!r}; expected 'variance' or 'std'")
+        self.mode, self.prior_strength, self.momentum = mode, prior_strength, momentum
+        self.batch_size, self.mix, self.test_variance = batch_size, mix, test_variance
+        self.freeze_after = freeze_after
+        self.full = mode == "full"
+        self._layers: list[tuple[str, _BatchNorm]] = []
+        self._source: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = []
+        self._state = "adapt"   # adapt | frozen | accumulate | off
+        self._sums: dict[int, list] = {}
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self, model: nn.Module) -> BatchNormAdaptation:
+        if self._hooks:
+            raise RuntimeError("this adaptation is already attached to a model")
+        self._layers = batchnorm_layers(model)
+        if not self._layers:
+            raise ConfigError(f"test-time BN adaptation needs BatchNorm layers; {type(model).__name__} has none")
+        for _, layer in self._layers:
+            if layer.running_mean is None or layer.running_var is None:
+                raise ConfigError("BN adaptation needs layers that track running statistics (source statistics)")
+            self._source[id(layer)] = (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
+            self._hooks.append(layer.register_forward_pre_hook(self._hook))
+        self._state = "adapt"
+        return self
+
+    def detach(self) -> None:
+        self.reset()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._layers, self._source = [], [], {}
+
+    def reset(self) -> None:
+        """Back to the source statistics, ready to adapt to a new subset."""
+        for _, layer in self._layers:
+            mean, var = self._source[id(layer)]
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+        self._state = "adapt"
+        self._sums = {}
+
+    def freeze(self) -> None:
+        """Keep the statistics of the last adapted batch for every following batch."""
+        self._state = "frozen"
+
+    # ------------------------------------------------------------------ statistics
+    def weight_on_target(self, n: int) -> float:
+        if self.mode == "prior":
+            return n / (self.prior_strength + n) if (self.prior_strength + n) > 0 else 1.0
+        if self.mode == "momentum":
+            return float(self.momentum)
+        return 1.0
+
+    def _hook(self, layer: _BatchNorm, inputs):
+        if self._state in ("frozen", "off"):
+            return None
+        x = inputs[0]
+        mean_t, var_t = batch_statistics(x.detach(), unbiased=self.test_variance == "unbiased")
+        if self._state == "accumulate":
+            dims = [d for d in range(x.ndim) if d != 1]
+            values = x.detach().double()
+            sums = self._sums.setdefault(id(layer), [0.0, 0.0, 0])
+            sums[0] = sums[0] + values.sum(dims)
+            sums[1] = sums[1] + (values * values).sum(dims)
+            sums[2] += x.numel() // x.shape[1]
+            mean, var = mean_t, var_t  # normalize with this batch while estimating
+        else:
+            source_mean, source_var = self._source[id(layer)]
+            mean, var = mix_statistics(source_mean, source_var, mean_t, var_t,
+                                       self.weight_on_target(x.shape[0]), self.mix)
+        layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+        layer.running_var.copy_(var.to(layer.running_var.dtype))
+        return None
+
+    @torch.no_grad()
+    def estimate_full(self, model: nn.Module, batches: Iterable, device: torch.device) -> None:
+        """Full adaptation: statistics of the whole subset (mean and biased variance over all its
+        images, per layer), then frozen."""
+        self.reset()
+        self._state = "accumulate"
+        model.eval()
+        for images, _ in batches:
+            model(images.to(device))
+        for _, layer in self._layers:
+            total, total_sq, count = self._sums[id(layer)]
+            mean = total / count
+            var = total_sq / count - mean * mean
+            if self.test_variance == "unbiased" and count > 1:
+                var = var * count / (count - 1)
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_(var.clamp_min(0).to(layer.running_var.dtype))
+        self._state = "frozen"
+
+    def describe(self) -> str:
+        if self.mode == "prior":
+            what = f"prior N={self.prior_strength:g}, n={self.batch_size}"
+        elif self.mode == "momentum":
+            what = f"momentum rho={self.momentum:g}, n={self.batch_size}"
+        else:
+            what = "full (whole subset)"
+        return f"BN adaptation, {what}, {self.test_variance} test variance mixed on the {self.mix}"
+
+
+class NoAdaptation:
+    """The model as trained (for the comparison column)."""
+
+    full = False
+    batch_size = None
+
+    def attach(self, model):
+        return self
+
+    def detach(self):
+        pass
+
+    def reset(self):
+        pass
+
+    def describe(self) -> str:
+        return "no adaptation"

@@ -1,0 +1,196 @@
+"""Test-time BN adaptation: the mathematics of Schneider et al. eq. 3 and Nandy et al.'s
+momentum, against train-mode BN, the unadapted model and hand computations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from robustexp.adaptation import BatchNormAdaptation
+from robustexp.errors import ConfigError
+from robustexp.evaluation.base import EvalContext, evaluate_subset
+from robustexp.main import run
+from robustexp.models.small_cnn import SmallCNN
+from tests.conftest import compose_config
+
+
+def _trained_like_cnn(seed=0):
+    """A SmallCNN whose BN running statistics differ from any test batch (as after training)."""
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=10, in_channels=1, width=8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.rand(32, 1, 28, 28) * 0.5)
+    return model.eval()
+
+
+def _adapted_output(model, x, **kwargs):
+    adaptation = BatchNormAdaptation(**kwargs).attach(model)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        adaptation.detach()
+
+
+def test_N0_equals_train_mode_batchnorm_on_that_batch():
+    model = _trained_like_cnn()
+    x = torch.rand(16, 1, 28, 28) + 0.3  # shifted inputs
+    adapted = _adapted_output(model, x, mode="prior", prior_strength=0, batch_size=16)
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        expected = reference(x)
+    assert torch.allclose(adapted, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), expected, atol=1e-3)  # the shift matters
+
+
+def test_huge_N_equals_the_unadapted_model_and_source_stats_are_restored():
+    model = _trained_like_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(8, 1, 28, 28) + 0.3
+    with torch.no_grad():
+        unadapted = model(x)
+    assert torch.allclose(_adapted_output(model, x, mode="prior", prior_strength=1e12), unadapted, atol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # detach restores the source statistics
+
+
+def test_prior_mixing_on_one_layer_equals_a_hand_computation():
+    bn = nn.BatchNorm2d(2, eps=0.0)
+    bn.running_mean.copy_(torch.tensor([1.0, -2.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 1.0]))
+        bn.bias.copy_(torch.tensor([0.5, 0.0]))
+    model = nn.Sequential(bn).eval()
+    # n = 2 images, 1 pixel each: channel 0 values {3, 5} -> mean 4, biased var 1; channel 1 {0, 0} -> 0, 0
+    x = torch.tensor([[[[3.0]], [[0.0]]], [[[5.0]], [[0.0]]]])
+    out = _adapted_output(model, x, mode="prior", prior_strength=6, batch_size=2)
+    # N = 6, n = 2: weights 6/8 on source, 2/8 on target
+    mean0, var0 = 0.75 * 1 + 0.25 * 4, 0.75 * 4 + 0.25 * 1          # 1.75, 3.25
+    mean1, var1 = 0.75 * -2 + 0.25 * 0, 0.75 * 0.25 + 0.25 * 0        # -1.5, 0.1875
+    expected = torch.tensor([[2 * (3 - mean0) / var0 ** 0.5 + 0.5, (0 - mean1) / var1 ** 0.5],
+                             [2 * (5 - mean0) / var0 ** 0.5 + 0.5, (0 - mean1) / var1 ** 0.5]])
+    assert torch.allclose(out.view(2, 2), expected, atol=1e-6)
+    # unbiased test variance: channel 0 var 2 instead of 1
+    out_unbiased = _adapted_output(model, x, mode="prior", prior_strength=6, batch_size=2, test_variance="unbiased")
+    var0_u = 0.75 * 4 + 0.25 * 2
+    assert torch.allclose(out_unbiased.view(2, 2)[0, 0], torch.tensor(2 * (3 - mean0) / var0_u ** 0.5 + 0.5))
+    # Nandy's std mixing, rho = 0.25 on the target: s = .25 * 1 + .75 * 2 = 1.75 for channel 0
+    out_std = _adapted_output(model, x, mode="momentum", momentum=0.25, mix="std")
+    assert torch.allclose(out_std.view(2, 2)[0, 0], torch.tensor(2 * (3 - mean0) / 1.75 + 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", ["variance", "std"])
+def test_momentum_rho_0_and_1_are_the_unadapted_and_the_batch_adapted_model(mix):
+    model = _trained_like_cnn()
+    x = torch.rand(16, 1, 28, 28) * 0.7 + 0.2
+    with torch.no_grad():
+        unadapted = model(x)
+        batch_adapted = copy.deepcopy(model).train()(x)
+    assert torch.allclose(_adapted_output(model, x, mode="momentum", momentum=0.0, mix=mix), unadapted, atol=1e-5)
+    assert torch.allclose(_adapted_output(model, x, mode="momentum", momentum=1.0, mix=mix), batch_adapted,
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_works_for_library_models(library):
+    cfg = compose_config([f"model={library}", "model.arch=resnet18"])
+    from robustexp.models.build import build_model
+
+    model = build_model(cfg.model, 5, (0.5,) * 3, (0.25,) * 3)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 32, 32))
+    model.eval()
+    x = torch.rand(8, 3, 32, 32) * 0.5 + 0.5
+    with torch.no_grad():
+        expected = copy.deepcopy(model).train()(x)
+    assert torch.allclose(_adapted_output(model, x, mode="prior", prior_strength=0), expected, atol=1e-4)
+
+
+def test_full_adaptation_uses_the_statistics_of_the_whole_subset():
+    model = _trained_like_cnn()
+    images = torch.rand(40, 1, 28, 28) + 0.5
+    batches = lambda n: ((images[i:i + n], torch.zeros(len(images[i:i + n]), dtype=torch.long))
+                         for i in range(0, len(images), n))
+    adaptation = BatchNormAdaptation(mode="full").attach(model)
+    adaptation.estimate_full(model, batches(16), torch.device("cpu"))
+    first_bn = model.features[1]
+    with torch.no_grad():
+        conv_out = model.features[0](images)  # the first BN's input does not depend on upstream BN
+    assert torch.allclose(first_bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first_bn.running_var, conv_out.var((0, 2, 3), unbiased=False), atol=1e-5)
+    # frozen: predictions no longer depend on the batch they come in
+    with torch.no_grad():
+        assert torch.allclose(model(images[:3]), model(images)[:3], atol=1e-5)
+    adaptation.detach()
+
+
+def test_adapt_then_freeze_keeps_the_first_batch_statistics():
+    model = _trained_like_cnn()
+    first, second = torch.rand(16, 1, 28, 28) + 0.3, torch.rand(16, 1, 28, 28) * 0.2
+    adaptation = BatchNormAdaptation(mode="prior", prior_strength=0, freeze_after=True).attach(model)
+    with torch.no_grad():
+        model(first)
+        adaptation.freeze()
+        frozen_on_second = model(second)
+        adapted_buffers = copy.deepcopy(model.state_dict())
+    adaptation.detach()
+    # an eval-mode copy holding the statistics adapted on the first batch predicts the same
+    holder = copy.deepcopy(model)
+    holder.load_state_dict(adapted_buffers)
+    first_bn = holder.features[1]
+    with torch.no_grad():
+        conv_out = holder.features[0](first)
+        assert torch.allclose(first_bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(holder(second), frozen_on_second, atol=1e-6)
+    # and differs from adapting on the second batch itself
+    assert not torch.allclose(frozen_on_second, _adapted_output(model, second, mode="prior", prior_strength=0),
+                              atol=1e-3)
+
+
+def test_statistics_do_not_leak_between_subsets():
+    model = _trained_like_cnn()
+    ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False,
+                      adaptation=BatchNormAdaptation(mode="prior", prior_strength=4, batch_size=8).attach(model))
+    labels = torch.arange(32) % 10
+    subset_a, subset_b = torch.rand(32, 1, 28, 28) + 1.0, torch.rand(32, 1, 28, 28) * 0.1
+    make = lambda images: (lambda n: ((images[i:i + n], labels[i:i + n]) for i in range(0, 32, n)))
+    b_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=500)
+    evaluate_subset(model, make(subset_a), ctx, batch_size=500)
+    b_after_a = evaluate_subset(model, make(subset_b), ctx, batch_size=500)
+    assert b_alone == b_after_a
+    ctx.adaptation.detach()
+    full = BatchNormAdaptation(mode="full").attach(model)
+    ctx.adaptation = full
+    b_full_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=16)
+    evaluate_subset(model, make(subset_a), ctx, batch_size=16)
+    assert evaluate_subset(model, make(subset_b), ctx, batch_size=16) == b_full_alone
+    full.detach()
+
+
+def test_bad_adaptation_options():
+    with pytest.raises(ConfigError, match="prior_strength N >= 0"):
+        BatchNormAdaptation(mode="prior")
+    with pytest.raises(ConfigError, match=r"momentum rho in \[0, 1\]"):
+        BatchNormAdaptation(mode="momentum", momentum=1.5)
+    with pytest.raises(ConfigError, match="has none"):
+        BatchNormAdaptation(mode="full").attach(nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+
+def test_runner_compares_no_partial_and_full_adaptation(tmp_path, capsys):
+    metrics = run(compose_config(["+adaptation=compare"]), tmp_path)
+    assert {"corruptions", "corruptions@partial", "corruptions@full", "clean@partial"} <= set(metrics)
+    assert set(metrics["adaptation"]) == {"partial", "full"}
+    assert "mCA@full" in metrics["summary"] and "clean_top1@partial" in metrics["summary"]
+    out = capsys.readouterr().out
+    assert "## top-1 % by test-time adaptation" in out and "| none |" in out.replace("  ", " ").replace("  ", " ")
+    # the unadapted evaluation is the same as a run without adaptation
+    plain = run(compose_config(), tmp_path / "plain")
+    assert plain["corruptions"]["grid"] == metrics["corruptions"]["grid"]
