@@ -71,14 +71,22 @@ def rebatch(batches, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tens
         yield torch.cat(pending_x), torch.cat(pending_y)
 
 
-@torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, device: torch.device,
-                     after_first_batch: Callable[[], None] | None = None) -> dict[str, float]:
-    """Top-1 / top-5 / loss / calibration of ``model`` in eval mode over ``batches``."""
+                     after_first_batch: Callable[[], None] | None = None,
+                     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 / loss / calibration of ``model`` in eval mode over ``batches``.
+    ``predict(model, images)`` replaces the plain forward pass (an adaptation that updates the
+    model while it predicts, such as Tent, runs its own gradient steps there)."""
     model.eval()
     meter = AccuracyMeter()
     for index, (images, labels) in enumerate(batches):
-        meter.update(model(images.to(device, non_blocking=True)), labels.to(device))
+        images = images.to(device, non_blocking=True)
+        if predict is not None:
+            logits = predict(model, images).detach()
+        else:
+            with torch.no_grad():
+                logits = model(images)
+        meter.update(logits, labels.to(device))
         if index == 0 and after_first_batch is not None:
             after_first_batch()
     return meter.result()
@@ -99,6 +107,7 @@ def evaluate_subset(model: nn.Module, make_batches: Callable[[int], Iterator], c
         if getattr(adaptation, "full", False):
             adaptation.estimate_full(model, make_batches(batch_size), ctx.device)
         freeze = adaptation.freeze if getattr(adaptation, "freeze_after", False) else None
-        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze)
+        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze,
+                                predict=getattr(adaptation, "predict", None))
     finally:
         adaptation.reset()

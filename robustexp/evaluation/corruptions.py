@@ -207,8 +207,14 @@ class MixedCorruptionEvaluator(Evaluator):
                 adaptation.reset()
                 if getattr(adaptation, "full", False):  # statistics of the whole pooled set
                     adaptation.estimate_full(model, ((x, y) for x, y, _ in batches(self.batch_size)), ctx.device)
+            predict = getattr(adaptation, "predict", None) if adaptation is not None else None
             for index, (images, labels, owners) in enumerate(batches(batch_size)):
-                logits = model(images.to(ctx.device))
+                images = images.to(ctx.device)
+                if predict is not None:
+                    with torch.enable_grad():
+                        logits = predict(model, images).detach()
+                else:
+                    logits = model(images)
                 if index == 0 and adaptation is not None and getattr(adaptation, "freeze_after", False):
                     adaptation.freeze()
                 overall.update(logits, labels.to(ctx.device))
