@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from robustexp.adaptation.sweep import expand_grid
 from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError, RobustexpError
 from robustexp.evaluation.base import EvalContext
@@ -38,17 +39,23 @@ METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.
 register_resolvers()
 
 
-def adaptation_variants(node: DictConfig | None) -> dict[str, Any]:
-    """``{"none": None}`` without ``+adaptation``; otherwise the config's variants, preceded by
-    the unadapted model unless ``evaluate_unadapted: false``."""
+def adaptation_variants(node: DictConfig | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """``{"none": None}`` without ``+adaptation``; otherwise the config's ``variants`` and the
+    combinations of its ``grid`` (see :func:`robustexp.adaptation.sweep.expand_grid`), preceded
+    by the unadapted model unless ``evaluate_unadapted: false``. Also returns the grid points."""
     if not node:
-        return {"none": None}
+        return {"none": None}, {}
     variants = {"none": None} if node.get("evaluate_unadapted", True) else {}
-    for name, variant in node.variants.items():
+    configs = dict(node.get("variants") or {})
+    points = {}
+    if node.get("grid"):
+        for label, (variant, point) in expand_grid(node.grid).items():
+            configs[label], points[label] = variant, point
+    for name, variant in configs.items():
         if name == "none":
             raise ConfigError("adaptation variant name 'none' is reserved for the unadapted model")
         variants[name] = instantiate_component(variant)
-    return variants
+    return variants, points
 
 
 def _headline_table(headline: Mapping[str, float]) -> str:
@@ -90,7 +97,9 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         trainer = instantiate_component(cfg.trainer)
         # built before training, so that a bad eval or adaptation option fails now rather than after training
         evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()}
-        variants = adaptation_variants(cfg.get("adaptation"))
+        variants, grid_points = adaptation_variants(cfg.get("adaptation"))
+        report = instantiate_component(cfg.adaptation.report) if cfg.get("adaptation") and \
+            cfg.adaptation.get("report") else None
         print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
               f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
               f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}")
@@ -125,6 +134,9 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         summary = metrics["summary"]
         if "clean_top1" in summary and "mCA" in summary:
             summary["clean_gap"] = summary["clean_top1"] - summary["mCA"]
+        if report is not None:
+            metrics["adaptation_sweep"] = report(summary, grid_points, run_dir)
+            print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
         if len(variants) > 1:
             names = list(variants)
             tables.append("## top-1 % by test-time adaptation\n\n" + format_table(

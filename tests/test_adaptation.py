@@ -194,3 +194,33 @@ def test_runner_compares_no_partial_and_full_adaptation(tmp_path, capsys):
     # the unadapted evaluation is the same as a run without adaptation
     plain = run(compose_config(), tmp_path / "plain")
     assert plain["corruptions"]["grid"] == metrics["corruptions"]["grid"]
+
+
+def test_grid_expansion_labels_and_values():
+    from robustexp.adaptation.sweep import expand_grid
+
+    grid = {"template": {"_target_": "x", "mode": "prior"}, "axes": {"prior_strength": [0, 8], "batch_size": [1, 4]},
+            "label": "N{prior_strength}_n{batch_size}"}
+    expanded = expand_grid(grid)
+    assert list(expanded) == ["N0_n1", "N0_n4", "N8_n1", "N8_n4"]
+    assert expanded["N8_n1"] == ({"_target_": "x", "mode": "prior", "prior_strength": 8, "batch_size": 1},
+                                 {"prior_strength": 8, "batch_size": 1})
+    with pytest.raises(ConfigError, match="non-empty lists"):
+        expand_grid({"template": {}, "axes": {"batch_size": []}})
+
+
+def test_schneider_sweep_writes_csv_and_curves(tmp_path):
+    import csv
+
+    cfg = compose_config(["+adaptation=schneider_fig1", "adaptation.grid.axes.prior_strength=[0,100000]",
+                          "adaptation.grid.axes.batch_size=[10,50]", "eval.evaluators.corruptions.corruptions=[contrast]",
+                          "eval.evaluators.corruptions.severities=[3]"])
+    metrics = run(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "adaptation_sweep.csv")))
+    assert [r["variant"] for r in rows] == ["N0_n10", "N0_n50", "N100000_n10", "N100000_n50"]
+    assert (tmp_path / "adaptation_sweep.png").stat().st_size > 1000
+    summary = metrics["summary"]
+    # a prior of 100000 pseudo-samples against n <= 50 is the unadapted model
+    for n in (10, 50):
+        assert summary[f"mean_uCE@N100000_n{n}"] == pytest.approx(summary["mean_uCE"], abs=1e-9)
+    assert metrics["adaptation_sweep"]["best"]["variant"] in {r["variant"] for r in rows}
