@@ -121,6 +121,8 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
                                    adaptation=adaptation)
             try:
                 for key, evaluator in evaluators.items():
+                    if key in metrics and not getattr(evaluator, "per_variant", True):
+                        continue  # independent of the adaptation: evaluated once
                     result = evaluator.evaluate(model, data, eval_ctx)
                     metrics[key + suffix] = result
                     metrics["summary"].update({k + suffix: v for k, v in evaluator.headline(result).items()})

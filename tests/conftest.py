@@ -20,7 +20,7 @@ TOY = [
     "trainer.batch_size=25",
     "eval.evaluators.corruptions.corruptions=[gaussian_noise,contrast]",
     "eval.evaluators.corruptions.severities=[1,3]",
-    "corruptions.engine.workers=1",
+
 ]
 
 

@@ -30,7 +30,10 @@ def test_every_config_option_composes(group, option):
                  if OmegaConf.is_config(cfg[key]) else cfg[key] for key in cfg if key != "hydra"}
     assert group in container
     if group == "adaptation":
-        assert all("_target_" in v for v in container[group]["variants"].values())
+        node = container[group]
+        templates = list((node.get("variants") or {}).values())
+        templates += [node["grid"]["template"]] if "grid" in node else []
+        assert templates and all("_target_" in v for v in templates)
     elif group != "eval":
         assert "_target_" in container[group]
     assert cfg.hydra.run.dir.startswith("outputs/runs/")

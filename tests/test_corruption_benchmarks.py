@@ -3,7 +3,6 @@ generated/on-disk switch, the mixed control and the preview image."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from robustexp.config import instantiate_component
 from robustexp.data.corruptions.sources import OnDiskCorruptions
 from robustexp.errors import ConfigError, DatasetError
-from robustexp.evaluation.base import EvalContext
+from robustexp.evaluation.base import EvalContext, evaluation_order
 from robustexp.evaluation.corruptions import CorruptionEvaluator, MixedCorruptionEvaluator
 from robustexp.evaluation.metrics import (ALEXNET_ERRORS, corruption_errors, expected_calibration_error,
                                           mean_corruption_error, rms_calibration_error)
@@ -79,7 +78,7 @@ def test_ce_with_a_baseline_run_sums_over_severities():
 
 # ----------------------------------------------------------------------------- on-disk formats
 
-CIFAR_TOY = ["dataset=cifar10", "model.width=4", "trainer.epochs=0", "corruptions.engine.workers=1",
+CIFAR_TOY = ["dataset=cifar10", "model.width=4", "trainer.epochs=0",
              "eval.evaluators.corruptions.corruptions=[gaussian_noise,contrast]",
              "eval.evaluators.corruptions.severities=[1,2,3,4,5]", "eval.evaluators.clean.batch_size=7",
              "eval.evaluators.corruptions.batch_size=7"]
@@ -110,11 +109,14 @@ def test_generated_and_on_disk_corruptions_are_one_switch(tmp_path):
     ctx = EvalContext(run_dir=tmp_path, device=torch.device("cpu"), seed=0, progress=False)
     c_root = tmp_path / "CIFAR-10-C"
     c_root.mkdir()
+    order = evaluation_order(len(data.test))  # generated batches come in this order; files are in index order
     for name in ("gaussian_noise", "contrast"):
         images = []
         for severity in range(1, 6):
-            for batch, _ in source.batches(data, name, severity, 7, ctx):
-                images.append((batch * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            batches = [b for b, _ in source.batches(data, name, severity, 7, ctx)]
+            in_order = torch.empty_like(torch.cat(batches))
+            in_order[order] = torch.cat(batches)
+            images.append((in_order * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
         np.save(c_root / f"{name}.npy", np.concatenate(images))
     np.save(c_root / "labels.npy", np.tile(data.test.labels.numpy(), 5))
 
@@ -254,3 +256,19 @@ def test_preview_image_is_written_on_request(tmp_path):
     cfg = compose_config(["trainer.epochs=0", "dataset.n_test=20"])
     run(cfg, tmp_path / "none")
     assert not (tmp_path / "none" / "corruption_preview.png").exists()
+
+
+def test_evaluation_visits_a_class_sorted_test_set_in_shuffled_batches():
+    from robustexp.evaluation.base import test_batches
+
+    data = instantiate_component(compose_config(["dataset.n_test=200"]).dataset)
+    assert torch.equal(data.test.labels, data.test.labels.sort().values)  # stored sorted by class
+    ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False)
+    batches = list(test_batches(data.test, 8, ctx))
+    mixed = sum(len(torch.unique(y)) > 1 for _, y in batches)
+    assert mixed >= 0.9 * len(batches)  # i.i.d. batches, not one class per batch
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(data.test.labels.tolist())
+    again = list(test_batches(data.test, 50, ctx))  # the same order whatever the batch size
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in again]))
+    subset = torch.cat([y for _, y in test_batches(data.test, 50, ctx, max_images=40)])
+    assert len(subset) == 40 and len(torch.unique(subset)) > 5  # a random subset, not the first class

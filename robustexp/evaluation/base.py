@@ -28,7 +28,11 @@ class EvalContext:
 
 class Evaluator:
     """An evaluation. ``evaluate`` returns a JSON-able dict that the runner merges into
-    ``metrics.json`` under the evaluator's key; ``table`` renders it for the console."""
+    ``metrics.json`` under the evaluator's key; ``table`` renders it for the console.
+    ``per_variant = False`` marks an evaluation whose result does not depend on the test-time
+    adaptation (it is then run once, not once per adaptation variant)."""
+
+    per_variant = True
 
     def evaluate(self, model: nn.Module, data: DataSplits, ctx: EvalContext) -> dict[str, Any]:
         raise NotImplementedError
@@ -45,12 +49,25 @@ class Evaluator:
         return []
 
 
+EVALUATION_ORDER_SEED = 20201  # fixed: every run, evaluator and corrupted subset sees the same order
+
+
+def evaluation_order(n_images: int, max_images: int | None = None) -> torch.Tensor:
+    """The order in which every evaluator visits a test set of ``n_images``: one fixed random
+    permutation, truncated to ``max_images`` (a random subset, not the first images).
+
+    Test sets are often stored sorted by class (ImageFolder trees, the embedded digits); batches
+    drawn in that order would hold one class each, which test-time adaptation would normalize
+    away. The papers adapt on shuffled, i.i.d. test batches; so do we, in every evaluation."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(EVALUATION_ORDER_SEED))
+    return order[:max_images] if max_images is not None else order
+
+
 def test_batches(dataset: Dataset, batch_size: int, ctx: EvalContext, max_images: int | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test split in a fixed order, optionally truncated to its first ``max_images``."""
-    if max_images is not None and max_images < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(max_images))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=ctx.num_workers,
+    """The test split (or a corrupted copy of it, item for item) in :func:`evaluation_order`."""
+    subset = torch.utils.data.Subset(dataset, evaluation_order(len(dataset), max_images).tolist())
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=ctx.num_workers,
                         pin_memory=ctx.device.type == "cuda")
     yield from loader
 

@@ -48,3 +48,13 @@ def resolve_corruptions(spec: str | Sequence[str], family: str = "imagenet_c") -
         raise ConfigError(f"unknown {family} corruption(s) {unknown}; expected names from {list(universe)} "
                           f"or one of the sets {list(sets)}")
     return names
+
+
+def check_corruption_request(images, name: str, severity: int) -> None:
+    """The checks every ImageNet-C engine makes on a call ``engine(images, name, severity, seed)``."""
+    if name not in ALL_CORRUPTIONS:
+        raise ConfigError(f"unknown corruption {name!r}; expected one of {list(ALL_CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise ConfigError(f"corruption severity must be 1..5, got {severity}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")

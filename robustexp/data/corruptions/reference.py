@@ -13,8 +13,10 @@ Compatibility, kept local to the package's module (nothing global is patched):
   which accept them.
 
 Grayscale images are replicated to RGB, corrupted, and converted back with the ITU-R 601-2
-luma weights (as PIL's ``convert("L")``), so that colored corruptions (frost, fog) keep their
-brightness on one-channel data.
+luma weights, rounded to the nearest 8-bit level (as PIL's ``convert("L")``; truncating would
+turn an exact gray 100 = 0.299*100 + 0.587*100 + 0.114*100, 99.99999 in floating point, into
+99), so that colored corruptions (frost, fog) keep their brightness on one-channel data. RGB
+output is truncated to 8 bits as the package does (``np.uint8``).
 
 Randomness: the package draws from numpy's global RNG. Each call seeds it from
 ``(seed, chunk)``, so the output is a function of the images, the corruption, the severity and
@@ -30,8 +32,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-from robustexp.data.corruptions.names import ALL_CORRUPTIONS
-from robustexp.errors import ConfigError
+from robustexp.data.corruptions.names import ALL_CORRUPTIONS, check_corruption_request
 from robustexp.utils import derive_seed
 
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -109,8 +110,8 @@ def corrupt_uint8(images_hwc: np.ndarray, name: str, severity: int, seed: int) -
             corrupted = np.nan_to_num(corrupted)
             if corrupted.ndim == 2:  # a few functions drop the channel axis for gray input
                 corrupted = np.repeat(corrupted[..., None], 3, axis=-1)
-            if channels == 1:
-                corrupted = (corrupted[..., :3] @ LUMA_WEIGHTS)[..., None]
+            if channels == 1:  # luma, rounded to the nearest level as PIL's convert("L")
+                corrupted = np.rint(corrupted[..., :3] @ LUMA_WEIGHTS)[..., None]
             out[i] = np.uint8(np.clip(corrupted, 0, 255))
     return out
 
@@ -145,12 +146,7 @@ class ReferenceCorruptionEngine:
         self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
-        if name not in ALL_CORRUPTIONS:
-            raise ConfigError(f"unknown corruption {name!r}; expected one of {list(ALL_CORRUPTIONS)}")
-        if severity not in (1, 2, 3, 4, 5):
-            raise ConfigError(f"corruption severity must be 1..5, got {severity}")
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        check_corruption_request(images, name, severity)
         arrays = to_uint8_hwc(images)
         tasks = [(arrays[i:i + _CHUNK], name, severity, derive_seed(seed, name, severity, i // _CHUNK))
                  for i in range(0, len(arrays), _CHUNK)]

@@ -1,0 +1,243 @@
+"""Low-level batched tensor operations shared by the torch corruption engine.
+
+Everything works on float tensors (..., H, W) on any device; helpers that need a boundary
+mode take one of
+
+* ``"nearest"``    scipy ``nearest`` / OpenCV ``BORDER_REPLICATE`` (aaa|abcd|ddd),
+* ``"reflect101"`` OpenCV's default ``BORDER_REFLECT_101`` / torch ``reflect`` (cb|abcd|cb),
+* ``"symmetric"``  scipy ``reflect`` (ba|abcd|dc).
+
+Padding is done with index tensors, so it works for any pad width (pads wider than the image
+included, which happens with large blurs on 28x28 images).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+def pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    """Source indices of a 1-D signal of length ``n`` extended by ``before``/``after`` samples."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "nearest":
+        return i.clamp(0, n - 1)
+    if mode == "reflect101":
+        if n == 1:
+            return torch.zeros_like(i)
+        period = 2 * (n - 1)
+        i = i.remainder(period)
+        return torch.where(i >= n, period - i, i)
+    if mode == "symmetric":
+        period = 2 * n
+        i = i.remainder(period)
+        return torch.where(i >= n, period - 1 - i, i)
+    raise ValueError(mode)
+
+
+def take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, idx)`` through advanced indexing (much faster on CPU)."""
+    dim = dim % x.ndim
+    return x[(slice(None),) * dim + (idx,)]
+
+
+def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> torch.Tensor:
+    """Pad the last two axes of ``x`` with any of the boundary modes above, any widths."""
+    h, w = x.shape[-2], x.shape[-1]
+    x = take(x, -2, pad_index(h, top, bottom, mode, x.device))
+    return take(x, -1, pad_index(w, left, right, mode, x.device))
+
+
+_MATRIX_CACHE: dict = {}
+
+
+def filter_matrix(n: int, kernel: torch.Tensor, mode: str, device, dtype) -> torch.Tensor:
+    """The (n, n) matrix of a 1-D correlation with ``kernel`` (odd length) under boundary ``mode``."""
+    key = ("filter", n, tuple(kernel.tolist()), mode, str(device), dtype)
+    if key not in _MATRIX_CACHE:
+        k = kernel.numel()
+        r = (k - 1) // 2
+        src = pad_index(n, r, r, mode, "cpu")
+        rows = torch.arange(n).view(n, 1).expand(n, k)
+        cols = src[torch.arange(n).view(n, 1) + torch.arange(k).view(1, k)]
+        m = torch.zeros(n, n, dtype=torch.float64)
+        m.index_put_((rows.reshape(-1), cols.reshape(-1)), kernel.double().repeat(n), accumulate=True)
+        _MATRIX_CACHE[key] = m.to(device=device, dtype=dtype)
+    return _MATRIX_CACHE[key]
+
+
+def apply_axes(x: torch.Tensor, mh: torch.Tensor | None, mw: torch.Tensor | None) -> torch.Tensor:
+    """``mh @ x @ mw.T`` over the last two axes (either matrix may be None)."""
+    if mh is not None:
+        x = torch.matmul(mh, x)
+    if mw is not None:
+        x = torch.matmul(x, mw.transpose(0, 1))
+    return x
+
+
+def correlate2d_fft(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Correlate (..., H, W) with one 2-D kernel (odd sizes) via FFT, padding with ``mode``."""
+    kh, kw = kernel.shape
+    h, w = x.shape[-2], x.shape[-1]
+    ph, pw = kh // 2, kw // 2
+    size = (_fft_size(h + 2 * ph), _fft_size(w + 2 * pw))
+    xp = pad(x, ph, size[0] - h - ph, pw, size[1] - w - pw, mode)
+    k = torch.zeros(size, dtype=x.dtype, device=x.device)
+    # correlation = convolution with the flipped kernel; place its centre at the origin
+    flipped = kernel.flip(0, 1).to(x.dtype)
+    k[:kh, :kw] = flipped
+    k = torch.roll(k, (-ph, -pw), (0, 1))
+    out = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(k), s=size)
+    return out[..., ph:ph + h, pw:pw + w]
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (fast FFT sizes)."""
+    best = 1 << (n - 1).bit_length()
+    a = 1
+    while a < 2 * n:
+        b = a
+        while b < 2 * n:
+            c = b
+            while c < 2 * n:
+                if n <= c < best:
+                    best = c
+                c *= 5
+            b *= 3
+        a *= 2
+    return best
+
+
+def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Direct correlation of (..., H, W) with a small 2-D kernel (odd sizes), padding with
+    ``mode``: a sum of shifted slices (faster than a one-channel convolution on CPU)."""
+    kh, kw = kernel.shape
+    h, w = x.shape[-2], x.shape[-1]
+    xp = pad(x, kh // 2, kh // 2, kw // 2, kw // 2, mode)
+    out = torch.zeros_like(x)
+    for i in range(kh):
+        for j in range(kw):
+            k = float(kernel[i, j])
+            if k != 0.0:
+                out.add_(xp[..., i:i + h, j:j + w], alpha=k)
+    return out
+
+
+def scipy_gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
+    """The 1-D kernel of ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * t * t / (float(sigma) ** 2))
+    return k / k.sum()
+
+
+def gaussian_filter(x: torch.Tensor, sigma, truncate: float = 4.0, mode: str = "nearest") -> torch.Tensor:
+    """``skimage.filters.gaussian`` / ``scipy.ndimage.gaussian_filter`` over the last two axes,
+    as two matrix products (boundary handling folded into the matrices).
+
+    ``sigma`` is a number or a (sigma_h, sigma_w) pair; skimage's defaults are mode
+    ``nearest`` and truncate 4.
+    """
+    sh, sw = (sigma, sigma) if not isinstance(sigma, (tuple, list)) else sigma
+    h, w = x.shape[-2], x.shape[-1]
+    mh = filter_matrix(h, scipy_gaussian_kernel(sh, truncate), mode, x.device, x.dtype)
+    mw = filter_matrix(w, scipy_gaussian_kernel(sw, truncate), mode, x.device, x.dtype)
+    return apply_axes(x, mh, mw)
+
+
+def clipped_zoom(x: torch.Tensor, zoom: float, cut: bool = True) -> torch.Tensor:
+    """``imagecorruptions.clipped_zoom``: crop the centre and ``scipy.ndimage.zoom(order=1)`` it
+    back (``grid_mode=False``: corner pixels map to corner pixels, i.e. bilinear with
+    ``align_corners=True``). The zoomed size ``round(ceil(n / zoom) * zoom)`` can exceed n:
+    ``cut=True`` cuts it to (H, W) (zoom_blur), ``cut=False`` keeps it (snow, which cuts only
+    after its motion blur). Works on (B, C, H, W); the same grid for the whole batch.
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    ch, cw = int(math.ceil(h / float(zoom))), int(math.ceil(w / float(zoom)))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    oh, ow = int(round(ch * zoom)), int(round(cw * zoom))
+    crop = x[..., top:top + ch, left:left + cw]
+    out = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
+    return out[..., :h, :w] if cut else out
+
+
+# ---------------------------------------------------------------- colour spaces (skimage)
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma of (B, 3, H, W) -> (B, 1, H, W)."""
+    w = torch.tensor(LUMA, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb * w).sum(1, keepdim=True)
+
+
+# ---------------------------------------------------------------- motion blur
+
+
+def motion_blur_taps(width: int, angles_deg: torch.Tensor):
+    """Per-image integer shifts (dy, dx) of ``imagecorruptions._motion_blur`` for each tap.
+
+    Returns two (width, B) int64 tensors. Computed in float64 like the reference.
+    """
+    a = torch.deg2rad(angles_deg.to(torch.float64))
+    py, px = width * torch.sin(a), width * torch.cos(a)
+    hyp = torch.sqrt(py * py + px * px)
+    i = torch.arange(width, dtype=torch.float64, device=angles_deg.device).view(-1, 1)
+    dy = -torch.ceil(i * py / hyp - 0.5)
+    dx = -torch.ceil(i * px / hyp - 0.5)
+    return dy.long(), dx.long()
+
+
+def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:
+    """``imagecorruptions._motion_blur`` for a batch (B, C, H, W) with one angle per image.
+
+    The kernel is a one-sided Gaussian of ``2*radius+1`` taps; tap ``i`` adds the image shifted
+    by ``(dy_i, dx_i)`` with edge replication (the reference ``shift``). As in the reference,
+    the sum stops (without renormalising) at the first tap whose shift reaches the image size.
+    Computed as one FFT convolution per image (its own sparse kernel) of the edge-replicated
+    image, which equals the sum of clamped shifts.
+    """
+    b, c, h, w = x.shape
+    width = 2 * radius + 1
+    t = torch.arange(width, dtype=torch.float64)
+    kernel = torch.exp(-t * t / (2 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
+    kernel = (kernel / kernel.sum()).to(x.device)
+    dy, dx = motion_blur_taps(width, angles_deg.to(x.device))
+    valid = (dy.abs() < h) & (dx.abs() < w)
+    # out[p] = sum_i k_i x[clamp(p - d_i)]: pad (edge-replicated) by the largest shift on each side
+    dyv, dxv = dy[valid], dx[valid]
+    top, bottom = max(int(dyv.max()), 0), max(-int(dyv.min()), 0)
+    left, right = max(int(dxv.max()), 0), max(-int(dxv.min()), 0)
+    size = (_fft_size(h + top + bottom), _fft_size(w + left + right))
+    xp = pad(x, top, size[0] - h - top, left, size[1] - w - left, "nearest")
+    k = torch.zeros((b,) + size, dtype=x.dtype, device=x.device)
+    weights = (kernel.view(-1, 1) * valid).to(x.dtype)  # (width, B)
+    bidx = torch.arange(b, device=x.device).view(1, b).expand(width, b)
+    k.index_put_((bidx.reshape(-1), dy.remainder(size[0]).reshape(-1), dx.remainder(size[1]).reshape(-1)),
+                 weights.reshape(-1), accumulate=True)
+    out = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(k).unsqueeze(1), s=size)
+    return out[..., top:top + h, left:left + w]
+
+
+def hsv_adjust(rgb: torch.Tensor, value=None, saturation=None) -> torch.Tensor:
+    """skimage's ``hsv2rgb(rgb2hsv(rgb))`` with V (``value``) or S (``saturation``) replaced by a
+    function of itself, without computing the hue: in skimage's HSV every channel is
+    ``v * (1 - s * a_c)`` with ``a_c`` depending on the hue only, so a new (v', s') gives
+    ``v' - (v' - channel * v' / v) * s' / s``. Grey pixels (s = 0, hue 0 in skimage) become
+    ``v' * (1, 1 - s', 1 - s')``. Algebraically identical to the round trip (float rounding aside)."""
+    v = rgb.amax(1, keepdim=True)
+    delta = v - rgb.amin(1, keepdim=True)
+    safe_v = torch.where(v == 0, torch.ones_like(v), v)
+    s = delta / safe_v  # 0 where v == 0 (delta is 0 there)
+    new_v = value(v) if value is not None else v
+    new_s = saturation(s) if saturation is not None else s
+    grey = delta == 0
+    ratio = new_s / torch.where(grey, torch.ones_like(s), s)
+    # coloured pixels: new_v - (new_v - x * new_v / v) * ratio = x * (new_v / v * ratio) + new_v * (1 - ratio)
+    k1 = torch.where(grey, torch.zeros_like(v), new_v / safe_v * ratio)
+    a_grey = torch.tensor([0.0, 1.0, 1.0], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    k0 = torch.where(grey, new_v * (1 - new_s * a_grey), new_v * (1 - ratio))
+    return torch.addcmul(k0, rgb, k1)

@@ -1,0 +1,267 @@
+"""Throughput of the torch ImageNet-C engine against the reference package.
+
+For every corruption (and severity), images per second of ``TorchCorruptionEngine`` on a full
+batch and of ``ReferenceCorruptionEngine(workers=1)`` on a subset of the same batch (the
+reference works image by image, so its rate does not depend on the batch size), on the same
+deterministic images. All torch timings of a setting are taken before its reference timings. Settings: 224x224 RGB, batch 64 and 28x28 gray (MNIST digits), batch 1000,
+on CPU (and on CUDA when available, torch engine only).
+
+Writes bench/results/corruptions.json and bench/results/corruptions.md and prints the table.
+The overall speedup is total reference time / total torch time for one image of every
+corruption and severity measured, i.e. the ratio of the summed seconds per image.
+
+    .venv/bin/python scripts/bench_corruptions.py            # all 5 severities, ~2-4 minutes
+    .venv/bin/python scripts/bench_corruptions.py --quick    # severity 3 only, ~1 minute
+    .venv/bin/python scripts/bench_corruptions.py --fidelity # agreement table instead, ~2 minutes
+
+``--fidelity`` measures the agreement with the reference that docs/corruption_fidelity.md
+reports (bench/results/corruption_fidelity.{json,md}): PSNR per severity for deterministic
+corruptions and for random ones with the reference's numpy draws replayed, and residual
+statistics (engine RNG vs reference RNG) for all random corruptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from robustexp.data.corruptions._replay import natural_images
+from robustexp.data.corruptions.engine import TorchCorruptionEngine
+from robustexp.data.corruptions.names import ALL_CORRUPTIONS
+from robustexp.data.corruptions.reference import ReferenceCorruptionEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW_REFERENCE = ("glass_blur",)  # ~1 s per 224x224 image in the reference: fewer images
+
+def digits(b: int) -> torch.Tensor:
+    from robustexp.data.embedded import load_mnist5k
+
+    x = load_mnist5k()[0]
+    reps = -(-b // len(x))
+    return (x.repeat(reps, 1, 1, 1)[:b].float() / 255.0)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_torch(engine, x, name, severity, device, repeats) -> float:
+    """Seconds per image of the torch engine on the full batch (best of ``repeats``)."""
+    x = x.to(device)
+    engine(x[:2], name, severity, 0)  # warm-up: caches (frost bank, matrices), kernels
+    _sync(device)
+    best = float("inf")
+    for r in range(repeats):
+        t = time.perf_counter()
+        engine(x, name, severity, 1 + r)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best / len(x)
+
+
+def time_reference(reference, x, name, severity) -> float:
+    reference(x[:1], name, severity, 0)  # warm-up: imports, frost files
+    t = time.perf_counter()
+    reference(x, name, severity, 1)
+    return (time.perf_counter() - t) / len(x)
+
+
+def run_setting(label, x, ref_images, ref_slow_images, severities, devices, repeats, log):
+    """Torch timings for every corruption first, then reference timings: interleaving them lets
+    the thread pools of OpenCV / BLAS that the reference wakes up spin while torch runs (on 2
+    cores this made the torch timings 3-8x slower)."""
+    engine = TorchCorruptionEngine()
+    rows = {name: {"setting": label, "corruption": name, "severities": list(severities)} for name in ALL_CORRUPTIONS}
+    for device in devices:
+        for name in ALL_CORRUPTIONS:
+            t_s = [time_torch(engine, x, name, s, device, repeats) for s in severities]
+            rows[name][f"torch_{device}_s_per_image"] = sum(t_s) / len(t_s)
+    reference = ReferenceCorruptionEngine(workers=1)
+    for name in ALL_CORRUPTIONS:
+        row = rows[name]
+        n_ref = ref_slow_images if name in SLOW_REFERENCE else ref_images
+        ref_s = [time_reference(reference, x[:n_ref], name, s) for s in severities]
+        row["reference_images"] = n_ref
+        row["reference_s_per_image"] = sum(ref_s) / len(ref_s)
+        cpu = row["torch_cpu_s_per_image"]
+        log(f"{label:>16s} {name:18s} reference {1 / row['reference_s_per_image']:9.1f} img/s   "
+            f"torch cpu {1 / cpu:9.1f} img/s   x{row['reference_s_per_image'] / cpu:7.1f}"
+            + "".join(f"   torch {d} {1 / row[f'torch_{d}_s_per_image']:9.1f} img/s" for d in devices if d != "cpu"))
+    reference.close()
+    rows = list(rows.values())
+    summary = {"setting": label,
+               "reference_total_s_per_image": sum(r["reference_s_per_image"] for r in rows)}
+    for device in devices:
+        total = sum(r[f"torch_{device}_s_per_image"] for r in rows)
+        summary[f"torch_{device}_total_s_per_image"] = total
+        summary[f"overall_speedup_{device}"] = summary["reference_total_s_per_image"] / total
+    return rows, summary
+
+
+def markdown(rows, summaries, devices, meta) -> str:
+    lines = [f"# Corruption engine throughput ({meta['date']})", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
+             f"severities {meta['severities']}; images/s, reference = ReferenceCorruptionEngine(workers=1).", ""]
+    for summary in summaries:
+        label = summary["setting"]
+        head = "| corruption | reference img/s | torch cpu img/s | speedup cpu |"
+        sep = "|---|---:|---:|---:|"
+        for d in devices:
+            if d != "cpu":
+                head += f" torch {d} img/s | speedup {d} |"
+                sep += "---:|---:|"
+        lines += [f"## {label}", "", head, sep]
+        for r in rows:
+            if r["setting"] != label:
+                continue
+            ref = r["reference_s_per_image"]
+            line = f"| {r['corruption']} | {1 / ref:.1f} | {1 / r['torch_cpu_s_per_image']:.1f} | " \
+                   f"{ref / r['torch_cpu_s_per_image']:.1f}x |"
+            for d in devices:
+                if d != "cpu":
+                    t = r[f"torch_{d}_s_per_image"]
+                    line += f" {1 / t:.1f} | {ref / t:.1f}x |"
+            lines.append(line)
+        total = f"| **all (total time)** | {1 / summary['reference_total_s_per_image']:.2f} | " \
+                f"{1 / summary['torch_cpu_total_s_per_image']:.2f} | **{summary['overall_speedup_cpu']:.1f}x** |"
+        for d in devices:
+            if d != "cpu":
+                total += f" {1 / summary[f'torch_{d}_total_s_per_image']:.2f} | " \
+                         f"**{summary[f'overall_speedup_{d}']:.1f}x** |"
+        lines += [total, ""]
+    return "\n".join(lines) + "\n"
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    import math
+
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _residual_stats(clean, corrupted):
+    keep = corrupted.flatten(1).amax(1) > 0  # spatter can blacken an image (see the tests)
+    r = (corrupted[keep] - clean[keep]).double()
+    return [float(v) for v in (r.mean(), r.std(), r.abs().mean(), (r.abs() > 1.5 / 255).double().mean())]
+
+
+def fidelity(out_dir: Path, log) -> None:
+    from robustexp.data.corruptions._replay import REPLAYABLE, numpy_draws
+    from robustexp.data.corruptions.engine import DETERMINISTIC
+
+    reference = ReferenceCorruptionEngine(workers=1)
+    engine = TorchCorruptionEngine()
+    settings = [("28x28 gray (MNIST)", digits(32)), ("32x32 RGB", natural_images(32, 32, 32, seed=32)),
+                ("224x224 RGB", natural_images(32, 224, 224, seed=224))]
+    rows = []
+    for label, x in settings:
+        small = x[:4] if x.shape[-1] == 224 else x[:8]
+        for name in ALL_CORRUPTIONS:
+            row = {"setting": label, "corruption": name}
+            if name in DETERMINISTIC or name in REPLAYABLE:
+                values = []
+                for s in (1, 2, 3, 4, 5):
+                    if name in DETERMINISTIC:
+                        out = engine(small, name, s, 0)
+                    else:
+                        out = engine.apply(small, name, s, **numpy_draws(small, name, s, 7))
+                    values.append(_psnr(reference(small, name, s, 7 if name in REPLAYABLE else 0), out))
+                row["psnr_db"] = values
+                row["psnr_kind"] = "deterministic" if name in DETERMINISTIC else "replayed draws"
+            if name not in DETERMINISTIC:
+                n = 8 if x.shape[-1] == 224 and name not in ("frost", "fog") else len(x)
+                batch = x[:n]
+                row["stats_images"] = n
+                row["stats_ref"] = [_residual_stats(batch, reference(batch, name, s, 11)) for s in (1, 2, 3, 4, 5)]
+                row["stats_torch"] = [_residual_stats(batch, engine(batch, name, s, 11)) for s in (1, 2, 3, 4, 5)]
+            rows.append(row)
+            log(f"{label:>20s} {name:18s} " + (" ".join(f"{v:6.1f}" for v in row.get("psnr_db", []))))
+    reference.close()
+    lines = ["# Torch engine vs reference: measured agreement", "",
+             "PSNR (dB) per severity 1..5 on the same images (8-bit outputs; inf = identical). "
+             "'replayed draws': the reference's numpy random numbers fed to the engine.", "",
+             "| corruption | kind | " + " | ".join(label for label, _ in settings) + " |",
+             "|---|---|" + "---|" * len(settings)]
+    for name in ALL_CORRUPTIONS:
+        cells = []
+        kind = ""
+        for label, _ in settings:
+            row = next(r for r in rows if r["setting"] == label and r["corruption"] == name)
+            if "psnr_db" in row:
+                kind = row["psnr_kind"]
+                cells.append(" / ".join("inf" if v == float("inf") else f"{v:.1f}" for v in row["psnr_db"]))
+            else:
+                cells.append("n/a")
+        lines.append(f"| {name} | {kind or 'random only'} | " + " | ".join(cells) + " |")
+    lines += ["", "Residual r = corrupted - clean, engine RNG vs reference RNG: mean, std, mean |r| and "
+              "fraction of values changed by > 1 level, per severity, as engine / reference.", "",
+              "| corruption | setting | images | severity 1 | severity 3 | severity 5 "
+              "| max rel. dev. of std, mean abs |",
+              "|---|---|---:|---|---|---|---:|"]
+    for row in rows:
+        if "stats_ref" not in row:
+            continue
+        cells = []
+        for s in (0, 2, 4):
+            e, r = row["stats_torch"][s], row["stats_ref"][s]
+            cells.append(", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(e, r)))
+        dev = max(abs(e[k] - r[k]) / max(abs(r[k]), 1e-9) for e, r in zip(row["stats_torch"], row["stats_ref"])
+                  for k in (1, 2))
+        lines.append(f"| {row['corruption']} | {row['setting']} | {row['stats_images']} | " + " | ".join(cells)
+                     + f" | {dev * 100:.1f}% |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "corruption_fidelity.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (out_dir / "corruption_fidelity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="severity 3 only, fewer reference images (~1 min)")
+    parser.add_argument("--no-cuda", action="store_true")
+    parser.add_argument("--fidelity", action="store_true", help="measure the agreement table instead")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    if args.fidelity:
+        fidelity(Path(args.out), lambda line: print(line, flush=True))
+        return
+
+    severities = (3,) if args.quick else (1, 2, 3, 4, 5)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
+            or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "severities": list(severities), "devices": devices,
+            "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None}
+    started = time.perf_counter()
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    settings = [
+        ("224x224 RGB b64", natural_images(64, 224, 224), 4 if args.quick else 8, 1 if args.quick else 2),
+        ("28x28 gray b1000", digits(1000), 100 if args.quick else 200, 20 if args.quick else 50),
+    ]
+    rows, summaries = [], []
+    for label, x, n_ref, n_ref_slow in settings:
+        r, s = run_setting(label, x, n_ref, n_ref_slow, severities, devices, 1 if args.quick else 2, log)
+        rows += r
+        summaries.append(s)
+        log(f"{label}: overall speedup (total time) " + ", ".join(
+            f"{d}: x{s[f'overall_speedup_{d}']:.1f}" for d in devices))
+    meta["runtime_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "corruptions.json").write_text(json.dumps({"meta": meta, "summary": summaries, "rows": rows},
+                                                     indent=2) + "\n")
+    table = markdown(rows, summaries, devices, meta)
+    (out / "corruptions.md").write_text(table)
+    print()
+    print(table)
+    print(f"written {out / 'corruptions.json'} and {out / 'corruptions.md'} in {meta['runtime_s']} s")
+
+
+if __name__ == "__main__":
+    main()
