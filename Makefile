@@ -23,8 +23,11 @@ run: $(STAMP)  ## install what is missing, then run the embedded default (python
 test: $(STAMP)  ## install what is missing, then run the default test suite (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: $(STAMP)  ## the slow tests only
+test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x224 fidelity)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)  ## benchmarks: corruption engine vs reference throughput -> bench/results/ (ARGS=--quick)
+	$(PY) scripts/bench_corruptions.py $(ARGS)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf outputs multirun

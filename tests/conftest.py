@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from robustexp.main import CONFIG_DIR  # also registers the ${run_id:} resolver
+from robustexp.models.small_cnn import SmallCNN
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -39,3 +41,14 @@ def compose_config(overrides=(), toy: bool = True, return_hydra_config: bool = F
 @pytest.fixture
 def toy_config():
     return compose_config
+
+
+def trained_like_cnn(seed=0):
+    """A small SmallCNN whose BN running statistics differ from any test batch (as after training)."""
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=10, in_channels=1, width=8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.rand(32, 1, 28, 28) * 0.5)
+    return model.eval()

@@ -13,19 +13,7 @@ from robustexp.adaptation import BatchNormAdaptation
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, evaluate_subset
 from robustexp.main import run
-from robustexp.models.small_cnn import SmallCNN
-from tests.conftest import compose_config
-
-
-def _trained_like_cnn(seed=0):
-    """A SmallCNN whose BN running statistics differ from any test batch (as after training)."""
-    torch.manual_seed(seed)
-    model = SmallCNN(num_classes=10, in_channels=1, width=8)
-    model.train()
-    with torch.no_grad():
-        for _ in range(5):
-            model(torch.rand(32, 1, 28, 28) * 0.5)
-    return model.eval()
+from tests.conftest import compose_config, trained_like_cnn
 
 
 def _adapted_output(model, x, **kwargs):
@@ -38,7 +26,7 @@ def _adapted_output(model, x, **kwargs):
 
 
 def test_N0_equals_train_mode_batchnorm_on_that_batch():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     x = torch.rand(16, 1, 28, 28) + 0.3  # shifted inputs
     adapted = _adapted_output(model, x, mode="prior", prior_strength=0, batch_size=16)
     reference = copy.deepcopy(model).train()
@@ -50,7 +38,7 @@ def test_N0_equals_train_mode_batchnorm_on_that_batch():
 
 
 def test_huge_N_equals_the_unadapted_model_and_source_stats_are_restored():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(8, 1, 28, 28) + 0.3
     with torch.no_grad():
@@ -88,7 +76,7 @@ def test_prior_mixing_on_one_layer_equals_a_hand_computation():
 
 @pytest.mark.parametrize("mix", ["variance", "std"])
 def test_momentum_rho_0_and_1_are_the_unadapted_and_the_batch_adapted_model(mix):
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     x = torch.rand(16, 1, 28, 28) * 0.7 + 0.2
     with torch.no_grad():
         unadapted = model(x)
@@ -115,7 +103,7 @@ def test_works_for_library_models(library):
 
 
 def test_full_adaptation_uses_the_statistics_of_the_whole_subset():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     images = torch.rand(40, 1, 28, 28) + 0.5
     batches = lambda n: ((images[i:i + n], torch.zeros(len(images[i:i + n]), dtype=torch.long))
                          for i in range(0, len(images), n))
@@ -133,7 +121,7 @@ def test_full_adaptation_uses_the_statistics_of_the_whole_subset():
 
 
 def test_adapt_then_freeze_keeps_the_first_batch_statistics():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     first, second = torch.rand(16, 1, 28, 28) + 0.3, torch.rand(16, 1, 28, 28) * 0.2
     adaptation = BatchNormAdaptation(mode="prior", prior_strength=0, freeze_after=True).attach(model)
     with torch.no_grad():
@@ -156,7 +144,7 @@ def test_adapt_then_freeze_keeps_the_first_batch_statistics():
 
 
 def test_statistics_do_not_leak_between_subsets():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False,
                       adaptation=BatchNormAdaptation(mode="prior", prior_strength=4, batch_size=8).attach(model))
     labels = torch.arange(32) % 10

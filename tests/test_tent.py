@@ -14,19 +14,7 @@ from robustexp.adaptation.tent import TentAdaptation, softmax_entropy
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, evaluate_subset
 from robustexp.main import run
-from robustexp.models.small_cnn import SmallCNN
-from tests.conftest import compose_config
-
-
-def _trained_like_cnn(seed=0):
-    """A SmallCNN whose BN running statistics differ from any test batch (as after training)."""
-    torch.manual_seed(seed)
-    model = SmallCNN(num_classes=10, in_channels=1, width=8)
-    model.train()
-    with torch.no_grad():
-        for _ in range(5):
-            model(torch.rand(32, 1, 28, 28) * 0.5)
-    return model.eval()
+from tests.conftest import compose_config, trained_like_cnn
 
 
 def _two_bn_model(seed=0):
@@ -54,7 +42,7 @@ def _state(model):
 
 
 def test_only_the_bn_affine_parameters_change():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     before = _state(model)
     tent = TentAdaptation(optimizer="adam", lr=1e-2).attach(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -136,7 +124,7 @@ def test_first_adam_step_moves_every_parameter_by_lr_against_its_gradient_sign()
 
 
 def test_entropy_decreases_on_the_same_batch():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     x = torch.rand(32, 1, 28, 28) * 0.8 + 0.2
     tent = TentAdaptation(optimizer="adam", lr=1e-2).attach(model)
     entropies = [softmax_entropy(tent.predict(model, x)).mean().item() for _ in range(6)]
@@ -146,7 +134,7 @@ def test_entropy_decreases_on_the_same_batch():
 
 
 def test_first_batch_predictions_are_those_of_batch_statistics_adaptation():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     x = torch.rand(16, 1, 28, 28) + 0.3
     norm = BatchNormAdaptation(mode="prior", prior_strength=0).attach(model)
     with torch.no_grad():
@@ -165,7 +153,7 @@ def test_first_batch_predictions_are_those_of_batch_statistics_adaptation():
 
 @pytest.mark.parametrize("episodic", [True, False])
 def test_episodic_predictions_do_not_depend_on_earlier_batches_continual_ones_do(episodic):
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     earlier, batch = torch.rand(16, 1, 28, 28) + 0.5, torch.rand(16, 1, 28, 28) * 0.3
     tent = TentAdaptation(optimizer="adam", lr=1e-2, episodic=episodic).attach(model)
     alone = tent.predict(model, batch)
@@ -181,7 +169,7 @@ def test_episodic_predictions_do_not_depend_on_earlier_batches_continual_ones_do
 
 
 def test_reset_restores_parameters_and_optimizer_state_so_nothing_leaks_between_subsets():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     tent = TentAdaptation(optimizer="sgd", lr=0.05, momentum=0.9).attach(model)
     initial_params, initial_opt = _state(model), copy.deepcopy(tent.optimizer.state_dict())
     for _ in range(2):
@@ -205,7 +193,7 @@ def test_reset_restores_parameters_and_optimizer_state_so_nothing_leaks_between_
 
 
 def test_detach_restores_requires_grad_flags_buffers_grads_and_removes_hooks():
-    model = _trained_like_cnn()
+    model = trained_like_cnn()
     model.fc.weight.requires_grad_(False)           # a mixed set of flags to restore
     model.features[1].weight.grad = torch.ones(8)   # a leftover gradient from training
     flags = {k: p.requires_grad for k, p in model.named_parameters()}

@@ -23,16 +23,16 @@ REPLAYABLE = ("gaussian_noise", "shot_noise", "speckle_noise", "glass_blur", "mo
 # numpy Generator, so the reference itself is not reproducible for it.
 
 
-def numpy_draws(x: torch.Tensor, name: str, severity: int, seed: int) -> dict:
-    """The random numbers ``ReferenceCorruptionEngine`` draws for ``x`` (at most 64 images, one
-    seeded chunk), in the reference's order, shaped as the engine's ``_draw_*`` output."""
+def numpy_draws(x: torch.Tensor, name: str, severity: int, seed: int, chunk: int = 0) -> dict:
+    """The random numbers ``ReferenceCorruptionEngine`` draws for ``x`` (at most 64 images, its
+    seeded chunk number ``chunk``), in the reference's order, shaped as the engine's ``_draw_*`` output."""
     assert x.shape[0] <= 64
     arr = to_uint8_hwc(x)
     _, h, w, _ = arr.shape
     _reference_functions()  # installs the numpy shim plasma_fractal needs
     import imagecorruptions.corruptions as module
 
-    np.random.seed(derive_seed(seed, name, severity, 0))
+    np.random.seed(derive_seed(seed, name, severity, chunk))
     per = []
     for img in arr:
         rgb = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
