@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from robustexp.data.corruptions import _ops
 from robustexp.data.corruptions._jpeg import jpeg_roundtrip
 from robustexp.data.corruptions.names import ALL_CORRUPTIONS, check_corruption_request
+from robustexp.errors import DatasetError
 from robustexp.utils import derive_seed
 
 # ------------------------------------------------------------------ severity tables (verbatim)
@@ -279,15 +280,20 @@ def _apply_snow(x, severity, z, angles):
 def _frost_sources() -> tuple[torch.Tensor, ...]:
     """The frost images shipped with ``imagecorruptions`` (read with cv2 like the reference), RGB
     uint8-valued float32 (3, h, w), loaded once."""
-    import cv2
-    import imagecorruptions
+    import importlib.util
 
-    folder = Path(imagecorruptions.__file__).parent / "frost"
+    import cv2
+
+    spec = importlib.util.find_spec("imagecorruptions")  # located, not imported (its import warns)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("frost needs the frost images of the imagecorruptions package "
+                           "(pip install imagecorruptions==1.1.2)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "frost"
     images = []
     for name in FROST_FILES:
         bgr = cv2.imread(str(folder / name))
         if bgr is None:
-            raise FileNotFoundError(folder / name)
+            raise DatasetError(f"frost image {folder / name} is missing or unreadable (it ships with imagecorruptions)")
         images.append(torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float())
     return tuple(images)
 
