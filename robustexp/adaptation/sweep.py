@@ -74,10 +74,12 @@ class SweepReport:
         groups: dict[Any, list] = {}
         for row in rows:
             groups.setdefault(row.get(self.series) if self.series else None, []).append(row)
-        for value, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0])):
+        ordered = sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0]))
+        colors = plt.cm.viridis([i / max(len(ordered) - 1, 1) for i in range(len(ordered))])
+        for color, (value, members) in zip(colors, ordered):
             members = sorted(members, key=lambda r: r[self.x])
             ax.plot([r[self.x] for r in members], [r[self.metric] for r in members], marker="o", markersize=3,
-                    label=f"{self.series}={value}" if self.series else None)
+                    color=color, label=f"{self.series}={value}" if self.series else None)
         if unadapted is not None and not math.isnan(unadapted):
             ax.axhline(unadapted, color="k", linestyle="--", linewidth=1, label="no adaptation")
         if self.log_x and all(r[self.x] > 0 for r in rows):
