@@ -1,0 +1,94 @@
+"""Clipping-aware L2 rescaling and the eps* line search (Rusak et al. 2020, footnote 3 and eq. 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustexp.evaluation.eps_star import line_search
+from robustexp.main import run
+from robustexp.perturbations import clipping_aware_scale, rescale_to_l2
+from tests.conftest import compose_config
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, 2.0, 5.0])
+def test_rescaled_perturbation_has_norm_eps_also_with_saturated_pixels(eps):
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 8, 8)
+    x[:, :, :3] = 1.0   # saturated bright rows
+    x[:, :, 3:5] = 0.0  # saturated dark rows
+    d = torch.randn_like(x)
+    out = rescale_to_l2(x, d, eps)
+    norms = (out - x).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, eps), atol=1e-4)
+    assert 0 <= out.min() and out.max() <= 1
+
+
+def test_scale_hand_case_and_unreachable_sizes():
+    # one pixel at 0.9 moving up (room 0.1), one at 0.5 moving down (room 0.5), d = (1, -1)
+    x, d = torch.tensor([[0.9, 0.5]]), torch.tensor([[1.0, -1.0]])
+    # eps^2 = 0.08 = 2 eta^2 -> eta = 0.2 > 0.1: the first pixel saturates, S = 0.01 + eta^2 -> eta = sqrt(0.07)
+    assert clipping_aware_scale(x, d, math.sqrt(0.08)).item() == pytest.approx(math.sqrt(0.07), rel=1e-6)
+    assert clipping_aware_scale(x, d, 0.1).item() == pytest.approx(0.1 / math.sqrt(2), rel=1e-6)  # no saturation
+    # beyond full saturation (max norm sqrt(0.01 + 0.25)) the largest reachable size is returned
+    out = rescale_to_l2(x, d, 10.0)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0]]))
+
+
+class Linear2(nn.Module):
+    """Class 1 iff w.x + b > 0."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w + self.b
+        return torch.stack([-s, s], dim=1)
+
+
+def test_line_search_finds_the_boundary_of_a_linear_model():
+    torch.manual_seed(1)
+    n = 3 * 8 * 8
+    x = torch.full((6, 3, 8, 8), 0.5)
+    d = torch.randn(6, 3, 8, 8) * 0.02
+    w = torch.randn(n)
+    d = d * torch.sign((d.flatten(1) @ w)).view(-1, 1, 1, 1)  # moving along d increases w.x
+    boundary = torch.tensor([0.3, 0.6, 0.9, 1.2, 1.5, 1.8])    # eps* we place the boundary at
+    eta = boundary / d.flatten(1).norm(dim=1)
+    # at eta the score crosses 0: b = -(w.x + eta w.d), per image -> evaluate one image at a time
+    for i in range(6):
+        b = -(x[i].flatten() @ w + eta[i] * (d[i].flatten() @ w))
+        assert (eta[i] * d[i]).abs().max() < 0.5  # no clipping on the way: the exact boundary is eta ||d||
+        found = line_search(Linear2(w, b), x[i:i + 1], torch.tensor([0]), d[i:i + 1], grid_points=20,
+                            bisection_steps=16)
+        assert found.item() == pytest.approx(boundary[i].item(), abs=1e-3)
+        # the upper end of the final bracket, where the model is broken (up to the float32 score at the crossing)
+        assert found.item() >= boundary[i].item() - 1e-4
+
+
+def test_unbreakable_and_already_broken_images():
+    w = torch.zeros(12)
+    w[0] = 1.0
+    x = torch.full((2, 3, 2, 2), 0.5)
+    d = torch.zeros_like(x)
+    d[:, 1] = 1.0  # moves only pixels the model ignores
+    model = Linear2(w, torch.tensor(-1.0))  # class 0 everywhere in [0, 1]
+    result = line_search(model, x, torch.tensor([0, 1]), d)
+    assert math.isinf(result[0].item())   # never misclassified
+    assert result[1].item() == 0.0        # label 1: already misclassified
+    changed = line_search(model, x, torch.tensor([0, 1]), d, criterion="changed")
+    assert math.isinf(changed[1].item())  # the prediction never changes
+
+
+def test_eps_star_evaluator_on_the_embedded_data(tmp_path):
+    cfg = compose_config(["eval=eps_star", "eval.evaluators.eps_star.max_images=40",
+                          "eval.evaluators.eps_star.grid_points=10", "eval.evaluators.eps_star.bisection_steps=4"])
+    metrics = run(cfg, tmp_path)
+    directions = metrics["eps_star"]["directions"]
+    assert set(directions) == {"gaussian", "uniform"} and directions["gaussian"]["n"] == 40
+    assert 0 < directions["gaussian"]["eps_star"] < 30  # L2 over 28x28 pixels in [0, 1]
+    assert "eps_star_uniform" in metrics["summary"]
