@@ -1,0 +1,155 @@
+"""Adversarial Noise Training (Rusak et al. 2020, Sec. 3.2, eqs. 2-3).
+
+A noise generator ``g_phi(z)``, z ~ N(0, I), produces noise that is projected onto the L2
+sphere of radius ``eps_l2`` around the image with clipping-aware rescaling (footnote 3). Each
+step: one generator step (Adam, maximize the classifier's cross-entropy on generator noise),
+then one classifier step on a batch that is 50 % clean, 30 % perturbed by the current generator
+and 20 % by generators replayed from earlier in training (states kept in a bounded in-memory
+buffer, saved every ``replay_every`` steps). Every ``restart_every`` steps the generator is
+replaced by a new one trained from scratch against the current classifier for ``restart_steps``
+steps (on the current batch, with fresh z every step), to keep it out of local optima.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustexp.errors import ConfigError
+from robustexp.methods.base import TrainingMethod
+from robustexp.perturbations import rescale_to_l2
+
+
+class NoiseGenerator(nn.Module):
+    """``g(z) = conv4(relu(conv3(relu(conv2(relu(conv1(z))))))) + z``, channels C-20-20-20-C,
+    weights ~ N(0, 0.01^2), biases 0, so that a new generator outputs (almost) its Gaussian input.
+
+    ``kernel="1x1"``: every convolution is 1x1: pixels are independent (no spatial receptive
+    field). ``kernel="3x3"``: the second convolution is 3x3 without padding, applied to a z of
+    (H + 2, W + 2); the residual is the centre of z.
+    """
+
+    def __init__(self, channels: int, hidden: int = 20, kernel: str = "1x1", init_std: float = 0.01):
+        super().__init__()
+        if kernel not in ("1x1", "3x3"):
+            raise ConfigError(f"method.kernel={kernel!r}; expected '1x1' or '3x3'")
+        self.kernel, self.channels = kernel, channels
+        self.conv1 = nn.Conv2d(channels, hidden, 1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3 if kernel == "3x3" else 1)
+        self.conv3 = nn.Conv2d(hidden, hidden, 1)
+        self.conv4 = nn.Conv2d(hidden, channels, 1)
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            nn.init.normal_(conv.weight, 0.0, init_std)
+            nn.init.zeros_(conv.bias)
+
+    @property
+    def margin(self) -> int:
+        return 1 if self.kernel == "3x3" else 0
+
+    def sample_input(self, shape: torch.Size, device) -> torch.Tensor:
+        b, c, h, w = shape
+        return torch.randn(b, c, h + 2 * self.margin, w + 2 * self.margin, device=device)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.conv4(F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(z)))))))
+        m = self.margin
+        return out + (z[..., m:z.shape[-2] - m, m:z.shape[-1] - m] if m else z)
+
+
+class AdversarialNoiseTraining(TrainingMethod):
+    """ANT with the batch split, replay buffer and restarts of Rusak et al. (see module doc)."""
+
+    def __init__(self, eps_l2: float, kernel: str = "1x1", generator_lr: float = 1e-4, clean_fraction: float = 0.5,
+                 current_fraction: float = 0.3, replay_every: int = 50, replay_size: int = 50,
+                 restart_every: int = 1000, restart_steps: int = 100):
+        if eps_l2 <= 0:
+            raise ConfigError(f"method.eps_l2 must be positive, got {eps_l2}")
+        if not (0 <= clean_fraction and 0 <= current_fraction and clean_fraction + current_fraction <= 1):
+            raise ConfigError(f"method.clean_fraction + method.current_fraction must be within [0, 1], got "
+                              f"{clean_fraction} + {current_fraction}")
+        self.eps_l2, self.kernel, self.generator_lr = float(eps_l2), kernel, generator_lr
+        self.clean_fraction, self.current_fraction = clean_fraction, current_fraction
+        self.replay_every, self.replay_size = replay_every, replay_size
+        self.restart_every, self.restart_steps = restart_every, restart_steps
+        self.name = f"ANT {kernel} (eps {eps_l2:g})"
+        self.generator: NoiseGenerator | None = None
+
+    # ------------------------------------------------------------------ state
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.channels = None  # known at the first batch
+        self.replay: deque = deque(maxlen=self.replay_size)
+        self.steps = 0
+
+    def _new_generator(self, channels: int) -> None:
+        self.generator = NoiseGenerator(channels, kernel=self.kernel).to(self.device)
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.generator_lr)
+        self._spare = copy.deepcopy(self.generator)  # loads replayed states (no disk)
+
+    def state_dict(self):
+        if self.generator is None:
+            return {"steps": self.steps}
+        return {"steps": self.steps, "channels": self.generator.channels, "generator": self.generator.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "replay": list(self.replay)}
+
+    def load_state_dict(self, state):
+        self.steps = int(state.get("steps", 0))
+        if "generator" in state:
+            self._new_generator(int(state["channels"]))
+            self.generator.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.replay = deque(state["replay"], maxlen=self.replay_size)
+
+    # ------------------------------------------------------------------ noise
+    def perturb(self, generator: NoiseGenerator, images: torch.Tensor) -> torch.Tensor:
+        """``clip(x + eta g(z))`` with ``||clip(x + eta g(z)) - x||_2 = eps_l2`` per image."""
+        delta = generator(generator.sample_input(images.shape, images.device))
+        return rescale_to_l2(images, delta, self.eps_l2)
+
+    def generator_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One Adam step of the generator maximizing the classifier's cross-entropy (eq. 2)."""
+        loss = F.cross_entropy(model(self.perturb(self.generator, images)), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        (-loss).backward()
+        self.optimizer.step()
+        model.zero_grad(set_to_none=True)  # the classifier is not updated by this step
+        return loss.item()
+
+    def restart(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """A new generator, trained from scratch against the current classifier."""
+        self._new_generator(images.shape[1])
+        for _ in range(self.restart_steps):
+            self.generator_step(model, images, labels)
+
+    # ------------------------------------------------------------------ one step
+    def split(self, batch_size: int) -> tuple[int, int, int]:
+        n_clean = int(round(self.clean_fraction * batch_size))
+        n_current = int(round(self.current_fraction * batch_size))
+        return n_clean, n_current, batch_size - n_clean - n_current
+
+    def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        if self.generator is None:
+            self._new_generator(images.shape[1])
+        self.steps += 1
+        if self.restart_every and self.steps % self.restart_every == 0:
+            self.restart(model, images, labels)
+        n_clean, n_current, n_replay = self.split(len(images))
+        generator_loss = self.generator_step(model, images[n_clean:], labels[n_clean:])
+        with torch.no_grad():
+            current = self.perturb(self.generator, images[n_clean:n_clean + n_current])
+            if self.replay:
+                self._spare.load_state_dict(random.choice(self.replay))
+                replayed = self.perturb(self._spare, images[n_clean + n_current:])
+            else:
+                replayed = self.perturb(self.generator, images[n_clean + n_current:])
+        logits = model(torch.cat([images[:n_clean], current, replayed]))
+        loss = F.cross_entropy(logits, labels)
+        if self.replay_every and self.steps % self.replay_every == 0:
+            self.replay.append({k: v.detach().clone() for k, v in self.generator.state_dict().items()})
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == labels).float().mean().item(),
+                      "generator_ce": generator_loss}

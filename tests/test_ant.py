@@ -1,0 +1,145 @@
+"""Adversarial Noise Training (Rusak et al. 2020): generator, projection, batch split, replay, restarts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustexp.errors import ConfigError
+from robustexp.main import run
+from robustexp.methods.ant import AdversarialNoiseTraining, NoiseGenerator
+from tests.conftest import compose_config, trained_like_cnn
+
+
+def test_a_new_generator_outputs_nearly_its_gaussian_input():
+    torch.manual_seed(0)
+    for kernel in ("1x1", "3x3"):
+        g = NoiseGenerator(3, kernel=kernel)
+        z = g.sample_input(torch.Size((4, 3, 16, 16)), "cpu")
+        centre = z[..., 1:-1, 1:-1] if kernel == "3x3" else z
+        assert torch.allclose(g(z), centre, atol=1e-4)
+
+
+def test_1x1_generator_has_no_spatial_receptive_field_and_3x3_a_local_one():
+    torch.manual_seed(1)
+    for kernel, reach in (("1x1", 0), ("3x3", 1)):
+        g = NoiseGenerator(2, kernel=kernel, init_std=0.5)  # large weights: the convolutions matter
+        z = g.sample_input(torch.Size((1, 2, 9, 9)), "cpu")
+        changed = z.clone()
+        m = g.margin
+        changed[0, :, 4 + m, 4 + m] += 3.0  # one input pixel (output coordinates (4, 4))
+        moved = (g(changed) - g(z)).abs().sum(1)[0] > 0
+        expected = torch.zeros(9, 9, dtype=torch.bool)
+        expected[4 - reach:5 + reach, 4 - reach:5 + reach] = True
+        assert torch.equal(moved, expected), kernel
+
+
+def test_perturbations_have_norm_eps_and_the_batch_is_split_50_30_20():
+    torch.manual_seed(2)
+    ant = AdversarialNoiseTraining(eps_l2=2.0, replay_every=1)
+    model = trained_like_cnn()
+    ant.setup(model, torch.device("cpu"))
+    images = torch.rand(20, 1, 28, 28)
+    images[:, :, :5] = 0.0  # saturated rows
+    labels = torch.randint(0, 10, (20,))
+    seen = {}
+    original_forward = model.forward
+
+    def record(x):
+        seen["batch"] = x.detach().clone()
+        return original_forward(x)
+
+    model.forward = record
+    for _ in range(2):  # the second step uses the replay buffer
+        ant.training_step(model, images, labels)
+    assert ant.split(20) == (10, 6, 4)
+    distance = (seen["batch"] - images).flatten(1).norm(dim=1)
+    assert torch.equal(distance[:10], torch.zeros(10))
+    assert torch.allclose(distance[10:], torch.full((10,), 2.0), atol=1e-4)
+
+
+def test_generator_steps_raise_the_classifier_loss():
+    torch.manual_seed(3)
+    model = trained_like_cnn()
+    model.train()
+    ant = AdversarialNoiseTraining(eps_l2=3.0, generator_lr=1e-2)
+    ant.setup(model, torch.device("cpu"))
+    ant._new_generator(1)
+    images, labels = torch.rand(64, 1, 28, 28) * 0.3, torch.randint(0, 10, (64,))
+
+    def mean_loss():
+        torch.manual_seed(11)  # the same z for both measurements
+        with torch.no_grad():
+            return sum(F.cross_entropy(model(ant.perturb(ant.generator, images)), labels).item() for _ in range(5)) / 5
+
+    before = mean_loss()
+    weights_before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(30):
+        ant.generator_step(model, images, labels)
+    assert mean_loss() > before
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))  # classifier untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_replay_buffer_is_bounded_and_holds_copies_and_restarts_reinitialize():
+    torch.manual_seed(4)
+    model = trained_like_cnn()
+    ant = AdversarialNoiseTraining(eps_l2=1.0, replay_every=1, replay_size=3, restart_every=5, restart_steps=2,
+                                   generator_lr=1e-2)
+    ant.setup(model, torch.device("cpu"))
+    images, labels = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    for _ in range(4):
+        ant.training_step(model, images, labels)
+    assert len(ant.replay) == 3
+    assert not torch.equal(ant.replay[0]["conv1.weight"], ant.replay[-1]["conv1.weight"])  # snapshots, not views
+    before_restart = ant.generator.conv1.weight.detach().clone()
+    ant.training_step(model, images, labels)  # step 5: restart
+    assert not torch.allclose(ant.generator.conv1.weight, before_restart, atol=1e-3)
+    # the state round-trips (resume)
+    state = ant.state_dict()
+    other = AdversarialNoiseTraining(eps_l2=1.0, replay_every=1, replay_size=3)
+    other.setup(model, torch.device("cpu"))
+    other.load_state_dict(state)
+    assert other.steps == 5 and len(other.replay) == 3
+    assert torch.equal(other.generator.conv4.weight, ant.generator.conv4.weight)
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="eps_l2 must be positive"):
+        AdversarialNoiseTraining(eps_l2=0)
+    with pytest.raises(ConfigError, match="within"):
+        AdversarialNoiseTraining(eps_l2=1, clean_fraction=0.8, current_fraction=0.3)
+    with pytest.raises(ConfigError, match="kernel"):
+        NoiseGenerator(1, kernel="5x5")
+
+
+@pytest.mark.parametrize("method", ["ant", "ant3x3"])
+def test_ant_runs_from_config_and_resumes(tmp_path, method):
+    metrics = run(compose_config([f"+method={method}", "method.replay_every=5", "method.restart_every=15",
+                                  "method.restart_steps=3"]), tmp_path)
+    assert metrics["status"] == "complete"
+    assert "generator_ce" in metrics["train"]["history"][0]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["method"]
+    assert state["steps"] == 40 and len(state["replay"]) == 8
+
+
+def test_ant_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from robustexp.training.trainer import Trainer
+    from tests.test_runner import _comparable
+
+    overrides = ["+method=ant", "trainer.epochs=2", "method.replay_every=3", "method.restart_every=30",
+                 "method.restart_steps=2"]
+    reference = run(compose_config(overrides), tmp_path / "a")
+    original = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(overrides), tmp_path / "b")
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    resumed = run(compose_config(overrides), tmp_path / "b")
+    assert _comparable(resumed) == _comparable(reference)
