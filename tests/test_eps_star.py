@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustexp.evaluation.eps_star import line_search
 from robustexp.main import run
 from robustexp.perturbations import clipping_aware_scale, rescale_to_l2
-from tests.conftest import compose_config
+from tests.conftest import compose_config, trained_like_cnn
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.5, 2.0, 5.0])
@@ -86,9 +87,36 @@ def test_unbreakable_and_already_broken_images():
 
 def test_eps_star_evaluator_on_the_embedded_data(tmp_path):
     cfg = compose_config(["eval=eps_star", "eval.evaluators.eps_star.max_images=40",
-                          "eval.evaluators.eps_star.grid_points=10", "eval.evaluators.eps_star.bisection_steps=4"])
+                          "eval.evaluators.eps_star.grid_points=10", "eval.evaluators.eps_star.bisection_steps=4",
+                          "eval.evaluators.eps_star.adversarial_steps=60"])
     metrics = run(cfg, tmp_path)
     directions = metrics["eps_star"]["directions"]
-    assert set(directions) == {"gaussian", "uniform"} and directions["gaussian"]["n"] == 40
+    assert set(directions) == {"gaussian", "uniform", "adversarial"} and directions["gaussian"]["n"] == 40
     assert 0 < directions["gaussian"]["eps_star"] < 30  # L2 over 28x28 pixels in [0, 1]
-    assert "eps_star_uniform" in metrics["summary"]
+    # the generator was trained at the size at which Gaussian noise breaks this model
+    assert metrics["eps_star"]["adversarial_generator_eps_l2"] == pytest.approx(directions["gaussian"]["eps_star"])
+    assert "eps_star_adversarial" in metrics["summary"]
+
+
+def test_adversarial_generator_training_leaves_the_classifier_alone():
+    from robustexp.data.base import TensorImageDataset
+    from robustexp.evaluation.eps_star import train_adversarial_generator
+
+    model = trained_like_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    data = TensorImageDataset(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.arange(64) % 10)
+    generator = train_adversarial_generator(model, data, torch.device("cpu"), eps_l2=2.0, steps=60, batch_size=16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # eval mode, no update
+    assert [p.requires_grad for p in model.parameters()] == flags
+    z = generator.sample_input((2, 1, 28, 28), "cpu")
+    assert not torch.allclose(generator(z), z, atol=1e-4)  # trained away from the identity
+    # what training optimizes: at its L2 size its noise hurts more than Gaussian noise of that size
+    images, labels = data.images.float() / 255, data.labels
+    torch.manual_seed(5)
+    with torch.no_grad():
+        learned = sum(F.cross_entropy(model(rescale_to_l2(images, generator(generator.sample_input(images.shape, "cpu")),
+                                                          2.0)), labels) for _ in range(5)) / 5
+        gaussian = sum(F.cross_entropy(model(rescale_to_l2(images, torch.randn_like(images), 2.0)), labels)
+                       for _ in range(5)) / 5
+    assert learned > gaussian

@@ -51,9 +51,13 @@ class NoiseGenerator(nn.Module):
     def margin(self) -> int:
         return 1 if self.kernel == "3x3" else 0
 
-    def sample_input(self, shape: torch.Size, device) -> torch.Tensor:
+    def input_shape(self, shape) -> tuple[int, int, int, int]:
+        """The shape of z for images of ``shape`` (B, C, H, W): larger by the 3x3 margin."""
         b, c, h, w = shape
-        return torch.randn(b, c, h + 2 * self.margin, w + 2 * self.margin, device=device)
+        return b, c, h + 2 * self.margin, w + 2 * self.margin
+
+    def sample_input(self, shape, device) -> torch.Tensor:
+        return torch.randn(self.input_shape(shape), device=device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.conv4(F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(z)))))))
