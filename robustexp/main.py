@@ -93,8 +93,8 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         seed_everything(cfg.seed)
         data = instantiate_component(cfg.dataset)
         model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
-        method = instantiate_component(cfg.method) if cfg.get("method") else StandardTraining()
-        trainer = instantiate_component(cfg.trainer)
+        method = instantiate_component(cfg.method, label="method") if cfg.get("method") else StandardTraining()
+        trainer = instantiate_component(cfg.trainer, label="trainer")
         # built before training, so that a bad eval or adaptation option fails now rather than after training
         evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()}
         variants, grid_points = adaptation_variants(cfg.get("adaptation"))

@@ -22,6 +22,10 @@ TOY = [
     "trainer.batch_size=25",
     "eval.evaluators.corruptions.corruptions=[gaussian_noise,contrast]",
     "eval.evaluators.corruptions.severities=[1,3]",
+    "eval.evaluators.eps_star.max_images=20",
+    "eval.evaluators.eps_star.grid_points=5",
+    "eval.evaluators.eps_star.bisection_steps=2",
+    "eval.evaluators.eps_star.adversarial_steps=3",
 
 ]
 

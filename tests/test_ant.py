@@ -53,7 +53,7 @@ def test_perturbations_have_norm_eps_and_the_batch_is_split_50_30_20():
     model.forward = record
     for _ in range(2):  # the second step uses the replay buffer
         ant.training_step(model, images, labels)
-    assert ant.split(20) == (10, 6, 4)
+    assert ant.split(20) == (10, 0, 6, 4)
     distance = (seen["batch"] - images).flatten(1).norm(dim=1)
     assert torch.equal(distance[:10], torch.zeros(10))
     assert torch.allclose(distance[10:], torch.full((10,), 2.0), atol=1e-4)
@@ -108,7 +108,7 @@ def test_replay_buffer_is_bounded_and_holds_copies_and_restarts_reinitialize():
 def test_bad_options():
     with pytest.raises(ConfigError, match="eps_l2 must be positive"):
         AdversarialNoiseTraining(eps_l2=0)
-    with pytest.raises(ConfigError, match="within"):
+    with pytest.raises(ConfigError, match="must be within"):
         AdversarialNoiseTraining(eps_l2=1, clean_fraction=0.8, current_fraction=0.3)
     with pytest.raises(ConfigError, match="kernel"):
         NoiseGenerator(1, kernel="5x5")
@@ -143,3 +143,57 @@ def test_ant_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path,
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
     resumed = run(compose_config(overrides), tmp_path / "b")
     assert _comparable(resumed) == _comparable(reference)
+
+
+def _stylized_folder(root, classes=10):
+    """A fake second source: class k holds constant images of value (k + 1) / 20, 40x40 RGB."""
+    import numpy as np
+    from PIL import Image
+
+    for k in range(classes):
+        (root / str(k)).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((40, 40, 3), round(255 * (k + 1) / 20), np.uint8)).save(root / str(k) / f"{i}.png")
+    return root
+
+
+def test_ant_sin_mixes_the_second_source_into_every_batch(tmp_path):
+    torch.manual_seed(6)
+    root = _stylized_folder(tmp_path / "stylized")
+    ant = AdversarialNoiseTraining(eps_l2=2.0, clean_fraction=0.25, mix_fraction=0.3, current_fraction=0.27,
+                                   mix_root=str(root))
+    model = trained_like_cnn()
+    ant.setup(model, torch.device("cpu"))
+    images, labels = torch.zeros(20, 1, 28, 28), torch.zeros(20, dtype=torch.long)
+    seen = {}
+    original_forward = model.forward
+
+    def record(x):
+        seen["batch"] = x.detach().clone()
+        return original_forward(x)
+
+    model.forward = record
+    loss, _ = ant.training_step(model, images, labels)
+    assert ant.split(20) == (5, 6, 5, 4)
+    batch = seen["batch"]
+    assert torch.equal(batch[:5], images[:5])                        # clean
+    mixed = batch[5:11]
+    values = mixed.flatten(1)
+    assert torch.equal(values.amax(1), values.amin(1))               # constant images: unperturbed
+    classes = torch.round(values[:, 0] * 20).long() - 1              # the class the value encodes
+    assert 0 <= classes.min() and classes.max() <= 9
+    distance = (batch[11:] - images[11:]).flatten(1).norm(dim=1)
+    assert torch.allclose(distance, torch.full((9,), 2.0), atol=1e-4)  # generator noise of norm eps
+    # the loss used the mixed images' own labels: recompute it
+    expected_labels = torch.cat([labels[:5], classes, labels[11:]])
+    assert loss.item() == pytest.approx(F.cross_entropy(original_forward(batch), expected_labels).item(), rel=1e-5)
+
+
+def test_ant_sin_needs_its_second_source(tmp_path):
+    with pytest.raises(ConfigError, match="needs method.mix_root"):
+        AdversarialNoiseTraining(eps_l2=1.0, mix_fraction=0.3, clean_fraction=0.25)
+    with pytest.raises(ConfigError, match=r"method.mix_root is required but not set: add method.mix_root=\.\.\."):
+        run(compose_config(["+method=ant_sin"]), tmp_path / "x")
+    metrics = run(compose_config(["+method=ant_sin", f"method.mix_root={_stylized_folder(tmp_path / 's')}",
+                                  "trainer.epochs=1"]), tmp_path / "run")
+    assert metrics["status"] == "complete"

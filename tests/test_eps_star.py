@@ -93,8 +93,10 @@ def test_eps_star_evaluator_on_the_embedded_data(tmp_path):
     directions = metrics["eps_star"]["directions"]
     assert set(directions) == {"gaussian", "uniform", "adversarial"} and directions["gaussian"]["n"] == 40
     assert 0 < directions["gaussian"]["eps_star"] < 30  # L2 over 28x28 pixels in [0, 1]
-    # the generator was trained at the size at which Gaussian noise breaks this model
-    assert metrics["eps_star"]["adversarial_generator_eps_l2"] == pytest.approx(directions["gaussian"]["eps_star"])
+    # the generator was trained at a size at which Gaussian noise breaks this model: at least its
+    # Gaussian eps* (the median over images, including those broken without noise)
+    size = metrics["eps_star"]["adversarial_generator_eps_l2"]
+    assert directions["gaussian"]["eps_star"] <= size <= directions["gaussian"]["mean_finite"] * 3
     assert "eps_star_adversarial" in metrics["summary"]
 
 
@@ -106,6 +108,8 @@ def test_adversarial_generator_training_leaves_the_classifier_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     data = TensorImageDataset(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.arange(64) % 10)
+    small = TensorImageDataset(data.images[:5], data.labels[:5])  # fewer images than a batch: still trains
+    train_adversarial_generator(model, small, torch.device("cpu"), eps_l2=2.0, steps=3, batch_size=16)
     generator = train_adversarial_generator(model, data, torch.device("cpu"), eps_l2=2.0, steps=60, batch_size=16)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # eval mode, no update
     assert [p.requires_grad for p in model.parameters()] == flags

@@ -1,4 +1,4 @@
-"""Adversarial Noise Training (Rusak et al. 2020, Sec. 3.2, eqs. 2-3).
+"""Adversarial Noise Training (Rusak et al. 2020, Sec. 3.2, eqs. 2-3), and ANT+SIN.
 
 A noise generator ``g_phi(z)``, z ~ N(0, I), produces noise that is projected onto the L2
 sphere of radius ``eps_l2`` around the image with clipping-aware rescaling (footnote 3). Each
@@ -8,6 +8,11 @@ and 20 % by generators replayed from earlier in training (states kept in a bound
 buffer, saved every ``replay_every`` steps). Every ``restart_every`` steps the generator is
 replaced by a new one trained from scratch against the current classifier for ``restart_steps``
 steps (on the current batch, with fresh z every step), to keep it out of local optima.
+
+ANT+SIN (Sec. 3.2, last paragraph): with ``mix_root`` (an ImageFolder tree with the dataset's class
+folders, such as Stylized-ImageNet) and ``mix_fraction``, that share of every batch is replaced by
+random images of the second source (resized to the batch's size, gray if the data is), which are
+not perturbed; the paper's split is 25 % clean, 30 % stylized, 45 % generator noise.
 """
 
 from __future__ import annotations
@@ -70,17 +75,25 @@ class AdversarialNoiseTraining(TrainingMethod):
 
     def __init__(self, eps_l2: float, kernel: str = "1x1", generator_lr: float = 1e-4, clean_fraction: float = 0.5,
                  current_fraction: float = 0.3, replay_every: int = 50, replay_size: int = 50,
-                 restart_every: int = 1000, restart_steps: int = 100):
+                 restart_every: int = 1000, restart_steps: int = 100, mix_root: str | None = None,
+                 mix_fraction: float = 0.0):
         if eps_l2 <= 0:
             raise ConfigError(f"method.eps_l2 must be positive, got {eps_l2}")
-        if not (0 <= clean_fraction and 0 <= current_fraction and clean_fraction + current_fraction <= 1):
-            raise ConfigError(f"method.clean_fraction + method.current_fraction must be within [0, 1], got "
-                              f"{clean_fraction} + {current_fraction}")
+        if not (0 <= clean_fraction and 0 <= current_fraction and 0 <= mix_fraction
+                and clean_fraction + mix_fraction + current_fraction <= 1):
+            raise ConfigError(f"method.clean_fraction + mix_fraction + current_fraction must be within [0, 1], got "
+                              f"{clean_fraction} + {mix_fraction} + {current_fraction}")
         self.eps_l2, self.kernel, self.generator_lr = float(eps_l2), kernel, generator_lr
         self.clean_fraction, self.current_fraction = clean_fraction, current_fraction
         self.replay_every, self.replay_size = replay_every, replay_size
         self.restart_every, self.restart_steps = restart_every, restart_steps
-        self.name = f"ANT {kernel} (eps {eps_l2:g})"
+        if mix_fraction and (not mix_root or str(mix_root) == "???"):
+            raise ConfigError("method.mix_fraction > 0 needs method.mix_root, an ImageFolder tree "
+                              "<root>/<class>/<image> with the dataset's class folders (e.g. Stylized-ImageNet)")
+        self.mix_root, self.mix_fraction = mix_root, mix_fraction
+        self._mix_set = None
+        self.name = f"ANT {kernel} (eps {eps_l2:g})" + (f" + {mix_fraction:.0%} images from {mix_root}" if mix_fraction
+                                                          else "")
         self.generator: NoiseGenerator | None = None
 
     # ------------------------------------------------------------------ state
@@ -131,10 +144,32 @@ class AdversarialNoiseTraining(TrainingMethod):
             self.generator_step(model, images, labels)
 
     # ------------------------------------------------------------------ one step
-    def split(self, batch_size: int) -> tuple[int, int, int]:
+    def split(self, batch_size: int) -> tuple[int, int, int, int]:
+        """Images per part of a batch: clean, second source, current generator, replayed generators."""
         n_clean = int(round(self.clean_fraction * batch_size))
+        n_mix = int(round(self.mix_fraction * batch_size))
         n_current = int(round(self.current_fraction * batch_size))
-        return n_clean, n_current, batch_size - n_clean - n_current
+        return n_clean, n_mix, n_current, batch_size - n_clean - n_mix - n_current
+
+    def _mix_images(self, shape, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` random (image, label) pairs of the second source, at the batch's channels and
+        size; indices from torch's RNG (checkpointed, so resumed runs draw the same images)."""
+        from torchvision import datasets, transforms
+
+        from robustexp.errors import DatasetError
+
+        _, c, h, w = shape
+        if self._mix_set is None:
+            steps = [transforms.Grayscale(1)] if c == 1 else []
+            steps += [transforms.Resize((h, w)), transforms.ToTensor()]
+            try:
+                self._mix_set = datasets.ImageFolder(str(self.mix_root), transform=transforms.Compose(steps))
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise DatasetError(f"method.mix_root={self.mix_root}: {exc}; expected <root>/<class>/<image>") from exc
+        index = torch.randint(len(self._mix_set), (count,)).tolist()
+        items = [self._mix_set[i] for i in index]
+        return (torch.stack([x for x, _ in items]).to(device),
+                torch.as_tensor([y for _, y in items], device=device))
 
     def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         if self.generator is None:
@@ -142,16 +177,21 @@ class AdversarialNoiseTraining(TrainingMethod):
         self.steps += 1
         if self.restart_every and self.steps % self.restart_every == 0:
             self.restart(model, images, labels)
-        n_clean, n_current, n_replay = self.split(len(images))
-        generator_loss = self.generator_step(model, images[n_clean:], labels[n_clean:])
+        n_clean, n_mix, n_current, n_replay = self.split(len(images))
+        if n_mix:  # ANT+SIN: images from the second source, never perturbed
+            mixed, mixed_labels = self._mix_images(images.shape, n_mix, images.device)
+            images = torch.cat([images[:n_clean], mixed, images[n_clean + n_mix:]])
+            labels = torch.cat([labels[:n_clean], mixed_labels, labels[n_clean + n_mix:]])
+        noisy = n_clean + n_mix
+        generator_loss = self.generator_step(model, images[noisy:], labels[noisy:])
         with torch.no_grad():
-            current = self.perturb(self.generator, images[n_clean:n_clean + n_current])
+            current = self.perturb(self.generator, images[noisy:noisy + n_current])
             if self.replay:
                 self._spare.load_state_dict(random.choice(self.replay))
-                replayed = self.perturb(self._spare, images[n_clean + n_current:])
+                replayed = self.perturb(self._spare, images[noisy + n_current:])
             else:
-                replayed = self.perturb(self.generator, images[n_clean + n_current:])
-        logits = model(torch.cat([images[:n_clean], current, replayed]))
+                replayed = self.perturb(self.generator, images[noisy + n_current:])
+        logits = model(torch.cat([images[:noisy], current, replayed]))
         loss = F.cross_entropy(logits, labels)
         if self.replay_every and self.steps % self.replay_every == 0:
             self.replay.append({k: v.detach().clone() for k, v in self.generator.state_dict().items()})
