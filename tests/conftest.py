@@ -56,3 +56,19 @@ def trained_like_cnn(seed=0):
         for _ in range(5):
             model(torch.rand(32, 1, 28, 28) * 0.5)
     return model.eval()
+
+
+def subset_b_alone_and_after_a(model, ctx, batch_size):
+    """Evaluate subset B, then A, then B again under ``ctx``'s adaptation: (B alone, B after A).
+    Equal results mean nothing leaked from one subset to the next."""
+    from robustexp.evaluation.base import evaluate_subset
+
+    labels = torch.arange(32) % 10
+    subset_a, subset_b = torch.rand(32, 1, 28, 28) + 1.0, torch.rand(32, 1, 28, 28) * 0.1
+
+    def make(images):
+        return lambda n: ((images[i:i + n], labels[i:i + n]) for i in range(0, 32, n))
+
+    b_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=batch_size)
+    evaluate_subset(model, make(subset_a), ctx, batch_size=batch_size)
+    return b_alone, evaluate_subset(model, make(subset_b), ctx, batch_size=batch_size)

@@ -11,9 +11,9 @@ from torch import nn
 
 from robustexp.adaptation import BatchNormAdaptation
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, evaluate_subset
+from robustexp.evaluation.base import EvalContext
 from robustexp.main import run
-from tests.conftest import compose_config, trained_like_cnn
+from tests.conftest import compose_config, subset_b_alone_and_after_a, trained_like_cnn
 
 
 def _adapted_output(model, x, **kwargs):
@@ -147,19 +147,13 @@ def test_statistics_do_not_leak_between_subsets():
     model = trained_like_cnn()
     ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False,
                       adaptation=BatchNormAdaptation(mode="prior", prior_strength=4, batch_size=8).attach(model))
-    labels = torch.arange(32) % 10
-    subset_a, subset_b = torch.rand(32, 1, 28, 28) + 1.0, torch.rand(32, 1, 28, 28) * 0.1
-    make = lambda images: (lambda n: ((images[i:i + n], labels[i:i + n]) for i in range(0, 32, n)))
-    b_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=500)
-    evaluate_subset(model, make(subset_a), ctx, batch_size=500)
-    b_after_a = evaluate_subset(model, make(subset_b), ctx, batch_size=500)
+    b_alone, b_after_a = subset_b_alone_and_after_a(model, ctx, batch_size=500)
     assert b_alone == b_after_a
     ctx.adaptation.detach()
     full = BatchNormAdaptation(mode="full").attach(model)
     ctx.adaptation = full
-    b_full_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=16)
-    evaluate_subset(model, make(subset_a), ctx, batch_size=16)
-    assert evaluate_subset(model, make(subset_b), ctx, batch_size=16) == b_full_alone
+    b_full_alone, b_full_after_a = subset_b_alone_and_after_a(model, ctx, batch_size=16)
+    assert b_full_after_a == b_full_alone
     full.detach()
 
 

@@ -12,6 +12,18 @@ from robustexp.methods.ant import AdversarialNoiseTraining, NoiseGenerator
 from tests.conftest import compose_config, trained_like_cnn
 
 
+def _record_model_inputs(model):
+    """Make ``model`` keep its last input batch in ``seen["batch"]``; returns (seen, original forward)."""
+    seen, original_forward = {}, model.forward
+
+    def record(x):
+        seen["batch"] = x.detach().clone()
+        return original_forward(x)
+
+    model.forward = record
+    return seen, original_forward
+
+
 def test_a_new_generator_outputs_nearly_its_gaussian_input():
     torch.manual_seed(0)
     for kernel in ("1x1", "3x3"):
@@ -43,14 +55,7 @@ def test_perturbations_have_norm_eps_and_the_batch_is_split_50_30_20():
     images = torch.rand(20, 1, 28, 28)
     images[:, :, :5] = 0.0  # saturated rows
     labels = torch.randint(0, 10, (20,))
-    seen = {}
-    original_forward = model.forward
-
-    def record(x):
-        seen["batch"] = x.detach().clone()
-        return original_forward(x)
-
-    model.forward = record
+    seen, original_forward = _record_model_inputs(model)
     for _ in range(2):  # the second step uses the replay buffer
         ant.training_step(model, images, labels)
     assert ant.split(20) == (10, 0, 6, 4)
@@ -165,14 +170,7 @@ def test_ant_sin_mixes_the_second_source_into_every_batch(tmp_path):
     model = trained_like_cnn()
     ant.setup(model, torch.device("cpu"))
     images, labels = torch.zeros(20, 1, 28, 28), torch.zeros(20, dtype=torch.long)
-    seen = {}
-    original_forward = model.forward
-
-    def record(x):
-        seen["batch"] = x.detach().clone()
-        return original_forward(x)
-
-    model.forward = record
+    seen, original_forward = _record_model_inputs(model)
     loss, _ = ant.training_step(model, images, labels)
     assert ant.split(20) == (5, 6, 5, 4)
     batch = seen["batch"]

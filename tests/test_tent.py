@@ -12,9 +12,9 @@ from torch import nn
 from robustexp.adaptation import BatchNormAdaptation
 from robustexp.adaptation.tent import TentAdaptation, softmax_entropy
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, evaluate_subset
+from robustexp.evaluation.base import EvalContext
 from robustexp.main import run
-from tests.conftest import compose_config, trained_like_cnn
+from tests.conftest import compose_config, subset_b_alone_and_after_a, trained_like_cnn
 
 
 def _two_bn_model(seed=0):
@@ -181,12 +181,7 @@ def test_reset_restores_parameters_and_optimizer_state_so_nothing_leaks_between_
     assert all(p.grad is None for p in model.parameters())
 
     ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False, adaptation=tent)
-    labels = torch.arange(32) % 10
-    subset_a, subset_b = torch.rand(32, 1, 28, 28) + 1.0, torch.rand(32, 1, 28, 28) * 0.1
-    make = lambda images: (lambda n: ((images[i:i + n], labels[i:i + n]) for i in range(0, 32, n)))
-    b_alone = evaluate_subset(model, make(subset_b), ctx, batch_size=8)
-    evaluate_subset(model, make(subset_a), ctx, batch_size=8)
-    b_after_a = evaluate_subset(model, make(subset_b), ctx, batch_size=8)
+    b_alone, b_after_a = subset_b_alone_and_after_a(model, ctx, batch_size=8)
     assert b_alone == b_after_a
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in initial_params.items())  # reset after too
     tent.detach()
