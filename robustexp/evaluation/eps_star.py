@@ -81,7 +81,8 @@ def line_search(model, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
     narrows it; the upper end of the final bracket is returned. ``inf`` when even the largest
     size does not break the model; 0 when x itself is already broken."""
     model.eval()
-    reference = y if criterion == "misclassified" else model(x).argmax(1)
+    clean_prediction = model(x).argmax(1)
+    reference = y if criterion == "misclassified" else clean_prediction
 
     def broken(eps: torch.Tensor) -> torch.Tensor:
         eta = clipping_aware_scale(x, direction, eps)
@@ -91,7 +92,7 @@ def line_search(model, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
     big = torch.full((len(x),), 1e9, dtype=torch.float64, device=x.device)
     eps_max = clipped_l2_norm(x.double(), direction.double(), clipping_aware_scale(x, direction, big).double())
     result = torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
-    result[model(x).argmax(1) != reference] = 0.0
+    result[clean_prediction != reference] = 0.0
     low = torch.zeros_like(eps_max)
     high = torch.full_like(eps_max, math.inf)
     pending = result.isinf()
