@@ -58,6 +58,43 @@ def adaptation_variants(node: DictConfig | None) -> tuple[dict[str, Any], dict[s
     return variants, points
 
 
+def _suffix(mode: str, variant: str) -> str:
+    """``@mode+variant`` for named evaluation modes and adaptation variants; empty for the plain model."""
+    parts = [p for p in (mode, "" if variant == "none" else variant) if p]
+    return "@" + "+".join(parts) if parts else ""
+
+
+def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables, comparison, make_ctx,
+                       metrics_path) -> None:
+    """Run every evaluator on ``model`` under every adaptation variant, merging results into
+    ``metrics`` (saved after each evaluator, so nothing computed is lost if a later one fails)."""
+    for variant, adaptation in variants.items():
+        suffix = _suffix(mode, variant)
+        if adaptation is not None:
+            adaptation.attach(model)
+            metrics.setdefault("adaptation", {})[variant] = adaptation.describe()
+            print(f"[robustexp] evaluating {mode or 'the model'} with {variant}: {adaptation.describe()}")
+        elif mode:
+            print(f"[robustexp] evaluating {mode}")
+        eval_ctx = make_ctx(suffix)
+        eval_ctx.adaptation = adaptation
+        try:
+            for key, evaluator in evaluators.items():
+                if key + _suffix(mode, "none") in metrics and not getattr(evaluator, "per_variant", True):
+                    continue  # independent of the adaptation: evaluated once per mode
+                result = evaluator.evaluate(model, data, eval_ctx)
+                metrics[key + suffix] = result
+                metrics["summary"].update({k + suffix: v for k, v in evaluator.headline(result).items()})
+                tables.append(f"## {key}{suffix}\n\n{evaluator.table(result)}")
+                column = suffix.removeprefix("@") or "none"
+                for label, value in evaluator.compare_rows(result):
+                    comparison.setdefault(label, {})[column] = value
+                atomic_write_json(metrics_path, metrics)
+        finally:
+            if adaptation is not None:
+                adaptation.detach()
+
+
 def _headline_table(headline: Mapping[str, float]) -> str:
     return format_table(["summary", "value"], [[k, v] for k, v in headline.items()])
 
@@ -109,38 +146,22 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         atomic_write_json(metrics_path, metrics)
 
         tables, comparison = [], {}
-        for variant, adaptation in variants.items():
-            suffix = "" if variant == "none" else f"@{variant}"
-            if adaptation is not None:
-                adaptation.attach(model)
-                metrics.setdefault("adaptation", {})[variant] = adaptation.describe()
-                print(f"[robustexp] evaluating with {variant}: {adaptation.describe()}")
-            eval_ctx = EvalContext(run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
-                                   num_workers=cfg.runtime.num_workers,
-                                   log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()}),
-                                   adaptation=adaptation)
-            try:
-                for key, evaluator in evaluators.items():
-                    if key in metrics and not getattr(evaluator, "per_variant", True):
-                        continue  # independent of the adaptation: evaluated once
-                    result = evaluator.evaluate(model, data, eval_ctx)
-                    metrics[key + suffix] = result
-                    metrics["summary"].update({k + suffix: v for k, v in evaluator.headline(result).items()})
-                    tables.append(f"## {key}{suffix}\n\n{evaluator.table(result)}")
-                    for label, value in evaluator.compare_rows(result):
-                        comparison.setdefault(label, {})[variant] = value
-                    atomic_write_json(metrics_path, metrics)  # nothing computed is lost if a later step fails
-            finally:
-                if adaptation is not None:
-                    adaptation.detach()
+        for mode, open_mode in method.evaluation_modes(model).items():
+            with open_mode() as eval_model:
+                _evaluate_variants(eval_model, data, evaluators, variants, mode, metrics, tables, comparison,
+                                   lambda suffix: EvalContext(
+                                       run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
+                                       num_workers=cfg.runtime.num_workers,
+                                       log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()})),
+                                   metrics_path)
         summary = metrics["summary"]
         if "clean_top1" in summary and "mCA" in summary:
             summary["clean_gap"] = summary["clean_top1"] - summary["mCA"]
         if report is not None:
             metrics["adaptation_sweep"] = report(summary, grid_points, run_dir)
             print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
-        if len(variants) > 1:
-            names = list(variants)
+        names = list(next(iter(comparison.values()), {}))
+        if len(names) > 1:
             tables.append("## top-1 % by test-time adaptation\n\n" + format_table(
                 ["", *names], [[label, *(row.get(v, "") for v in names)] for label, row in comparison.items()],
                 precision=1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -23,6 +26,16 @@ class TrainingMethod:
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to minimize on one batch, and scalars to log."""
         raise NotImplementedError
+
+    def evaluation_modes(self, model: nn.Module) -> dict[str, Callable[[], AbstractContextManager[nn.Module]]]:
+        """How the trained model is evaluated: ``{mode name: opener}``, where ``opener()`` is a
+        context manager that yields the module the evaluators see and undoes any change on exit.
+
+        The default is the trained model itself under the empty name (metrics keep their plain
+        keys). A method that evaluates differently overrides it: AdvBN switches between its main
+        and auxiliary BatchNorms, RSE wraps the model in a noisy test-time ensemble. Named modes
+        suffix every metric with ``@<mode>``; every adaptation variant runs inside every mode."""
+        return {"": lambda: contextlib.nullcontext(model)}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
