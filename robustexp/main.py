@@ -184,15 +184,37 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
     return metrics
 
 
+def run_directory(cfg: DictConfig) -> Path:
+    """``<output_root>/runs/<run id>``: the one directory of this config, in single runs and sweeps alike."""
+    return Path(cfg.output_root) / "runs" / run_id(cfg)
+
+
+def _link_sweep_job(job_dir: Path, run_dir: Path) -> None:
+    """A sweep's job directory (Hydra's ``.hydra`` files) points at the run directory via ``run``."""
+    link = job_dir / "run"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(run_dir.resolve(), target_is_directory=True)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Runs live in ``<output_root>/runs/<run id>`` whether launched alone or in a sweep, so that a
+    relaunched sweep finds its finished jobs and skips them (and resumes the interrupted ones).
+    A sweep's own directory (``<output_root>/sweeps/<date_time>``) holds one folder per job with
+    Hydra's files and a ``run`` link to the run directory; its name is the W&B group."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
     if cfg.runtime.get("threads"):
         torch.set_num_threads(cfg.runtime.threads)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if multirun:
+        job_dir, run_dir = run_dir, run_directory(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _link_sweep_job(job_dir, run_dir)
     try:
-        return run(cfg, hydra_cfg.runtime.output_dir, sweep_group=sweep_group)
+        return run(cfg, run_dir, sweep_group=sweep_group)
     except RobustexpError as exc:
         if multirun:
             raise

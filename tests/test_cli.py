@@ -46,10 +46,18 @@ def test_cli_multirun_gives_each_job_its_own_wandb_run_grouped_by_sweep(tmp_path
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [j.name.split("_")[3] for j in jobs] == ["s0", "s1"]
     for job in jobs:
-        assert json.loads((job / "metrics.json").read_text())["status"] == "complete"
-        wandb_logs = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        run_dir = (job / "run").resolve()  # the job's run lives in runs/<run id>, named from its config
+        assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.name == job.name
+        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "complete"
+        assert (job / ".hydra" / "overrides.yaml").is_file()
+        wandb_logs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(wandb_logs) == 1
         assert sweeps[0].name.encode() in wandb_logs[0].read_bytes()  # the W&B group is the sweep's name
+
+    # relaunching the sweep (and widening it) skips the finished jobs and runs only the new one
+    again = _cli(["-m", "seed=0,1,2", *_toy()], tmp_path)
+    assert again.stdout.count("already holds a complete run") == 2
+    assert len(list((tmp_path / "runs").iterdir())) == 3
 
 
 def test_cli_errors_name_the_option_and_what_was_expected(tmp_path):
