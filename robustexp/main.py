@@ -10,9 +10,10 @@ evaluators -> metrics.json + summary.md + W&B. Every component is built from its
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from robustexp import distributed
 from robustexp.adaptation.sweep import expand_grid
 from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError, RobustexpError
@@ -29,13 +31,18 @@ from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.report import format_table
 from robustexp.methods.standard import StandardTraining
 from robustexp.models.build import build_model
+from robustexp.preemption import Preempted, PreemptionHandler
 from robustexp.run_id import register_resolvers, run_id
+from robustexp.tracking import WandbTracker
 from robustexp.training.trainer import TrainContext
-from robustexp.utils import atomic_write_bytes, atomic_write_json, git_commit, read_json, resolve_device, \
-    seed_everything
+from robustexp.utils import atomic_write_bytes, atomic_write_json, derive_seed, git_commit, read_json, \
+    resolve_device, seed_everything
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.yaml"
+# the keys of metrics.json that describe the run rather than hold one evaluator's result
+RUN_KEYS = ("status", "run_id", "run_dir", "seed", "code_version", "device", "world_size", "command", "started",
+            "finished", "summary", "train", "adaptation", "adaptation_sweep", "error", "traceback")
 register_resolvers()
 
 
@@ -65,9 +72,10 @@ def _suffix(mode: str, variant: str) -> str:
 
 
 def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables, comparison, make_ctx,
-                       metrics_path) -> None:
+                       save: Callable[[], None], kept: Mapping[str, Any]) -> None:
     """Run every evaluator on ``model`` under every adaptation variant, merging results into
-    ``metrics`` (saved after each evaluator, so nothing computed is lost if a later one fails)."""
+    ``metrics`` (saved after each evaluator, so nothing computed is lost if a later one fails).
+    Results in ``kept`` (from an interrupted attempt of this run) are reused, not recomputed."""
     for variant, adaptation in variants.items():
         suffix = _suffix(mode, variant)
         if adaptation is not None:
@@ -82,14 +90,18 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
             for key, evaluator in evaluators.items():
                 if key + _suffix(mode, "none") in metrics and not getattr(evaluator, "per_variant", True):
                     continue  # independent of the adaptation: evaluated once per mode
-                result = evaluator.evaluate(model, data, eval_ctx)
+                if key + suffix in kept:
+                    result = kept[key + suffix]
+                    print(f"[robustexp] {key}{suffix}: kept from the interrupted attempt")
+                else:
+                    result = evaluator.evaluate(model, data, eval_ctx)
                 metrics[key + suffix] = result
                 metrics["summary"].update({k + suffix: v for k, v in evaluator.headline(result).items()})
                 tables.append(f"## {key}{suffix}\n\n{evaluator.table(result)}")
                 column = suffix.removeprefix("@") or "none"
                 for label, value in evaluator.compare_rows(result):
                     comparison.setdefault(label, {})[column] = value
-                atomic_write_json(metrics_path, metrics)
+                save()
         finally:
             if adaptation is not None:
                 adaptation.detach()
@@ -99,37 +111,72 @@ def _headline_table(headline: Mapping[str, float]) -> str:
     return format_table(["summary", "value"], [[k, v] for k, v in headline.items()])
 
 
+def _train_context(cfg: DictConfig, run_dir: Path, device: torch.device, log, preemption) -> TrainContext:
+    rt = cfg.runtime
+    return TrainContext(run_dir=run_dir, device=device, seed=cfg.seed, log=log, progress=bool(rt.progress),
+                        num_workers=rt.num_workers, pin_memory=rt.get("pin_memory"),
+                        persistent_workers=bool(rt.get("persistent_workers", False)), amp=rt.get("amp"),
+                        channels_last=bool(rt.get("channels_last", False)), compile=bool(rt.get("compile", False)),
+                        preemption=preemption)
+
+
 def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) -> dict[str, Any]:
-    """Run one composed config in ``run_dir`` and return its metrics (also in ``metrics.json``)."""
+    """Run one composed config in ``run_dir`` and return its metrics (also in ``metrics.json``).
+
+    In a multi-process run every rank calls this with the same directory; only rank 0 writes
+    files and logs to W&B (see :mod:`robustexp.distributed`)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = distributed.world()[0] == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     metrics_path = run_dir / METRICS_FILE
+    kept: dict[str, Any] = {}
     if metrics_path.is_file():
         previous = read_json(metrics_path)
         if previous.get("status") == "complete":
-            print(f"[robustexp] {run_dir} already holds a complete run of this config; its stored results:\n")
-            summary = run_dir / SUMMARY_FILE
-            print(summary.read_text() if summary.is_file() else _headline_table(previous.get("summary", {})))
-            print("\n(pass tag=<name> to run the same config again in a new directory)")
+            if is_main:
+                print(f"[robustexp] {run_dir} already holds a complete run of this config; its stored results:\n")
+                summary = run_dir / SUMMARY_FILE
+                print(summary.read_text() if summary.is_file() else _headline_table(previous.get("summary", {})))
+                print("\n(pass tag=<name> to run the same config again in a new directory)")
             return previous
+        kept = {k: v for k, v in previous.items() if k not in RUN_KEYS}  # evaluations of an interrupted attempt
+    distributed.barrier()  # every rank has read the previous state before rank 0 rewrites it
 
     name = run_id(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
-    device = resolve_device(cfg.runtime.device)
+    device = distributed.device_for(distributed.detect(), resolve_device(cfg.runtime.device))
     metrics: dict[str, Any] = {"status": "running", "run_id": name, "run_dir": str(run_dir.resolve()),
                                "seed": cfg.seed, "code_version": git_commit(), "device": str(device),
+                               "world_size": distributed.world()[1],
                                "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                "summary": {}}
-    atomic_write_json(metrics_path, metrics)
 
-    tracker = instantiate_component(cfg.logger)
+    def save() -> None:
+        if is_main:
+            atomic_write_json(metrics_path, metrics)
+
+    if is_main:
+        atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    save()
+    tracker = instantiate_component(cfg.logger) if is_main else WandbTracker(mode="disabled")
     tracker.start(run_dir, name=name, config=resolved, group=sweep_group)
-    progress = bool(cfg.runtime.progress)
+    preemption = PreemptionHandler(cfg.runtime.get("preemption_signals") or (),
+                                   requeue=bool(cfg.runtime.get("requeue", True))).install()
+    # ranks other than 0 evaluate into a scratch directory: plots and tables are written once, by rank 0
+    scratch = None if is_main else tempfile.TemporaryDirectory(prefix="robustexp-rank")
+    eval_dir = run_dir if is_main else Path(scratch.name)
+    progress = bool(cfg.runtime.progress) and is_main
     try:
         seed_everything(cfg.seed)
         data = instantiate_component(cfg.dataset)
         model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
+        if cfg.runtime.get("sync_bn") and distributed.active():
+            model = distributed.convert_sync_batchnorm(model, device)
+        rank = distributed.world()[0]
+        if rank:  # the same initial weights on every rank (also broadcast), different noise afterwards
+            seed_everything(derive_seed(cfg.seed, "rank", rank))
         method = instantiate_component(cfg.method, label="method") if cfg.get("method") else StandardTraining()
         trainer = instantiate_component(cfg.trainer, label="trainer")
         # built before training, so that a bad eval or adaptation option fails now rather than after training
@@ -137,50 +184,61 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         variants, grid_points = adaptation_variants(cfg.get("adaptation"))
         report = instantiate_component(cfg.adaptation.report) if cfg.get("adaptation") and \
             cfg.adaptation.get("report") else None
-        print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
-              f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
-              f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}")
-        train_ctx = TrainContext(run_dir=run_dir, device=device, seed=cfg.seed, log=tracker.log, progress=progress,
-                                 num_workers=cfg.runtime.num_workers)
+        if is_main:
+            print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
+                  f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
+                  f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}"
+                  + (f", {distributed.world()[1]} processes" if distributed.active() else ""))
+        train_ctx = _train_context(cfg, run_dir, device, tracker.log, preemption)
         metrics["train"] = trainer.fit(model, method, data.train, train_ctx)
-        atomic_write_json(metrics_path, metrics)
+        save()
 
         tables, comparison = [], {}
         for mode, open_mode in method.evaluation_modes(model).items():
             with open_mode() as eval_model:
                 _evaluate_variants(eval_model, data, evaluators, variants, mode, metrics, tables, comparison,
                                    lambda suffix: EvalContext(
-                                       run_dir=run_dir, device=device, seed=cfg.seed, progress=progress,
+                                       run_dir=eval_dir, device=device, seed=cfg.seed, progress=progress,
                                        num_workers=cfg.runtime.num_workers,
                                        log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()})),
-                                   metrics_path)
+                                   save, kept)
         summary = metrics["summary"]
         if "clean_top1" in summary and "mCA" in summary:
             summary["clean_gap"] = summary["clean_top1"] - summary["mCA"]
         if report is not None:
-            metrics["adaptation_sweep"] = report(summary, grid_points, run_dir)
-            print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
+            metrics["adaptation_sweep"] = report(summary, grid_points, eval_dir)
+            if is_main:
+                print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
         names = list(next(iter(comparison.values()), {}))
         if len(names) > 1:
             tables.append("## top-1 % by test-time adaptation\n\n" + format_table(
                 ["", *names], [[label, *(row.get(v, "") for v in names)] for label, row in comparison.items()],
                 precision=1))
     except BaseException as exc:
-        metrics["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        preempted = isinstance(exc, Preempted)
+        metrics["status"] = "preempted" if preempted else \
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         metrics["error"] = f"{type(exc).__name__}: {exc}"
         metrics["traceback"] = traceback.format_exc()
-        atomic_write_json(metrics_path, metrics)
+        save()
         tracker.finish(exit_code=1)
         raise
+    finally:
+        preemption.uninstall()
+        if scratch is not None:
+            scratch.cleanup()
 
     metrics["status"] = "complete"
     metrics["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     summary_text = "\n\n".join(tables + [f"## summary\n\n{_headline_table(metrics['summary'])}"])
-    atomic_write_bytes(run_dir / SUMMARY_FILE, (f"# {name}\n\n{summary_text}\n").encode())
-    atomic_write_json(metrics_path, metrics)
+    if is_main:
+        atomic_write_bytes(run_dir / SUMMARY_FILE, (f"# {name}\n\n{summary_text}\n").encode())
+    save()
     tracker.summary(metrics["summary"])
     tracker.finish(exit_code=0)
-    print(f"\n{summary_text}\n\n[robustexp] metrics: {metrics_path}")
+    if is_main:
+        print(f"\n{summary_text}\n\n[robustexp] metrics: {metrics_path}")
+    distributed.barrier()
     return metrics
 
 
@@ -208,17 +266,27 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
     if cfg.runtime.get("threads"):
         torch.set_num_threads(cfg.runtime.threads)
+    env = distributed.detect()
+    distributed.init(env, distributed.device_for(env, resolve_device(cfg.runtime.device)))
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if multirun:
         job_dir, run_dir = run_dir, run_directory(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _link_sweep_job(job_dir, run_dir)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _link_sweep_job(job_dir, run_dir)
     try:
         return run(cfg, run_dir, sweep_group=sweep_group)
+    except Preempted as exc:
+        if multirun:
+            raise
+        raise SystemExit(f"robustexp: {exc}") from None
     except RobustexpError as exc:
         if multirun:
             raise
         raise SystemExit(f"robustexp: error: {exc}") from None
+    finally:
+        if not multirun:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

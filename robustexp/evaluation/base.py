@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from robustexp import distributed
 from robustexp.data.base import DataSplits
 from robustexp.evaluation.metrics import AccuracyMeter
 
@@ -90,22 +91,40 @@ def rebatch(batches, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tens
 
 def evaluate_batches(model: nn.Module, batches, device: torch.device,
                      after_first_batch: Callable[[], None] | None = None,
-                     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+                     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                     shard: bool = False) -> dict[str, float]:
     """Top-1 / top-5 / loss / calibration of ``model`` in eval mode over ``batches``.
     ``predict(model, images)`` replaces the plain forward pass (an adaptation that updates the
-    model while it predicts, such as Tent, runs its own gradient steps there)."""
+    model while it predicts, such as Tent, runs its own gradient steps there).
+
+    ``shard=True`` in a multi-process run: rank r predicts batches r, r + K, r + 2K, ... (the same
+    batches a single process would form, so batch-dependent adaptation is unchanged), and the
+    logits of all ranks are gathered before the metrics are computed: the totals are exact and
+    every rank returns the same result."""
     model.eval()
     meter = AccuracyMeter()
+    rank, world_size = distributed.world() if shard else (0, 1)
+    gathered: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index, (images, labels) in enumerate(batches):
+        if index % world_size != rank:
+            continue
         images = images.to(device, non_blocking=True)
         if predict is not None:
             logits = predict(model, images).detach()
         else:
             with torch.no_grad():
                 logits = model(images)
-        meter.update(logits, labels.to(device))
+        if world_size > 1:
+            gathered.append((logits.float().cpu(), labels.cpu()))
+        else:
+            meter.update(logits, labels.to(device))
         if index == 0 and after_first_batch is not None:
             after_first_batch()
+    if world_size > 1:
+        logits = torch.cat([g[0] for g in gathered]) if gathered else torch.empty(0, 0)
+        labels = torch.cat([g[1] for g in gathered]) if gathered else torch.empty(0, dtype=torch.long)
+        logits_all, labels_all = distributed.all_gather_tensor(logits), distributed.all_gather_tensor(labels)
+        meter.update(logits_all.reshape(len(labels_all), -1), labels_all)
     return meter.result()
 
 
@@ -114,17 +133,21 @@ def evaluate_subset(model: nn.Module, make_batches: Callable[[int], Iterator], c
     """Evaluate one subset (the clean test split, or one corruption at one severity) under the
     context's test-time adaptation: statistics are reset before and after, so nothing leaks
     between subsets; the adaptation's batch size n replaces the evaluator's; full adaptation
-    first estimates the statistics over the whole subset."""
+    first estimates the statistics over the whole subset (on every rank, over all of it).
+    In a multi-process run the predictions are sharded over ranks (see :func:`evaluate_batches`)."""
     adaptation = ctx.adaptation
     if adaptation is None:
-        return evaluate_batches(model, make_batches(batch_size), ctx.device)
+        return evaluate_batches(model, make_batches(batch_size), ctx.device, shard=True)
     n = getattr(adaptation, "batch_size", None) or batch_size
     adaptation.reset()
     try:
         if getattr(adaptation, "full", False):
             adaptation.estimate_full(model, make_batches(batch_size), ctx.device)
         freeze = adaptation.freeze if getattr(adaptation, "freeze_after", False) else None
-        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze,
-                                predict=getattr(adaptation, "predict", None))
+        predict = getattr(adaptation, "predict", None)
+        # batches are independent unless the adaptation carries state from batch to batch
+        # (adapt-then-freeze, Tent): those run whole on every rank, so results never depend on K
+        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze, predict=predict,
+                                shard=freeze is None and predict is None)
     finally:
         adaptation.reset()

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from robustexp import distributed
 from robustexp.errors import ConfigError, NonFiniteLossError
 from robustexp.methods.base import TrainingMethod
+from robustexp.preemption import PreemptionHandler
 from robustexp.utils import atomic_torch_save, derive_seed, seed_dataloader_worker
 
 CHECKPOINT_NAME = "last.pt"
@@ -34,6 +36,46 @@ class TrainContext:
     log: Callable[[dict[str, Any], int | None], None] = lambda metrics, step=None: None
     progress: bool = True
     num_workers: int = 0
+    pin_memory: bool | None = None        # None: on CUDA devices
+    persistent_workers: bool = False      # keep DataLoader workers alive across epochs
+    amp: str | None = None                # None | "bf16" | "fp16": autocast for the training forward pass
+    channels_last: bool = False           # NHWC memory format for model and images (faster convs on GPU)
+    compile: bool = False                 # torch.compile the model for training
+    preemption: PreemptionHandler | None = None  # checkpoint and stop on SIGTERM / SIGUSR1 / SIGUSR2
+
+    @property
+    def is_main(self) -> bool:
+        return distributed.world()[0] == 0
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EpochSampler(DistributedSampler):
+    """The shuffled order of one epoch, this rank's share of it, from a given position on.
+
+    The order of epoch ``e`` is a permutation seeded from ``(seed, e)``; it is the order a
+    ``DataLoader(shuffle=True, generator=Generator().manual_seed(that seed))`` would give, so that a
+    single-process run is unchanged by the distributed code. With K ranks the permutation is padded
+    to a multiple of K and rank r takes every K-th index from r (``DistributedSampler``'s
+    convention). ``start`` skips the first indices of the epoch: a run resumed from a mid-epoch
+    checkpoint continues with exactly the images it had not seen yet."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", self.epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base-seed draw
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        if self.num_replicas > 1:
+            order += order[:self.total_size - len(order)]
+            order = order[self.rank:self.total_size:self.num_replicas]
+        return iter(order[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
 
 
 def _accepts(factory: Callable, parameter: str) -> bool:
@@ -111,28 +153,57 @@ class Trainer:
     def checkpoint_path(run_dir: Path) -> Path:
         return Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
 
-    def _save_checkpoint(self, ctx: TrainContext, epoch: int, model, optimizer, scheduler, method, history) -> None:
+    def _save_checkpoint(self, ctx: TrainContext, epoch: int, model, optimizer, scheduler, scaler, method, history,
+                         partial: dict | None = None) -> None:
+        """``epoch`` complete epochs, plus ``partial`` progress into the next one (a mid-epoch
+        checkpoint on a preemption signal). Only rank 0 writes; it stores every rank's RNG states."""
+        rng_ranks = distributed.all_gather_objects(_rng_state())
+        if not ctx.is_main:
+            distributed.barrier()
+            return
         state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "method": method.state_dict(), "rng": _rng_state(), "history": history}
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "method": method.state_dict(), "rng": rng_ranks[0], "rng_ranks": rng_ranks, "history": history,
+                 "partial": partial}
         atomic_torch_save(state, self.checkpoint_path(ctx.run_dir))
-        if self.keep_epoch_checkpoints:
+        if self.keep_epoch_checkpoints and partial is None:
             atomic_torch_save(state, ctx.run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
+        distributed.barrier()
 
     # ------------------------------------------------------------------ loop
-    def _loader(self, dataset: Dataset, ctx: TrainContext, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "shuffle", epoch))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          drop_last=self.drop_last and len(dataset) > self.batch_size,
-                          num_workers=ctx.num_workers, worker_init_fn=seed_dataloader_worker,
-                          pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+    def _loader(self, dataset: Dataset, ctx: TrainContext) -> DataLoader:
+        rank, world_size = distributed.world()
+        sampler = EpochSampler(dataset, ctx.seed, rank, world_size)
+        pin = ctx.device.type == "cuda" if ctx.pin_memory is None else ctx.pin_memory
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          drop_last=self.drop_last and sampler.num_samples > self.batch_size,
+                          num_workers=ctx.num_workers, worker_init_fn=seed_dataloader_worker, pin_memory=pin,
+                          persistent_workers=ctx.persistent_workers and ctx.num_workers > 0,
+                          generator=torch.Generator())  # worker seeds drawn from it, not from the global RNG
+
+    @staticmethod
+    def _set_epoch(loader: DataLoader, ctx: TrainContext, epoch: int, start_step: int = 0) -> None:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = start_step * loader.batch_size
+        loader.generator.manual_seed(derive_seed(ctx.seed, "workers", epoch))
 
     def fit(self, model: nn.Module, method: TrainingMethod, train_set: Dataset, ctx: TrainContext) -> dict[str, Any]:
         """Train (or resume training) and return a summary of the training history."""
+        if ctx.amp is not None and ctx.amp not in AMP_DTYPES:
+            raise ConfigError(f"runtime.amp={ctx.amp!r}; expected null, 'bf16' or 'fp16'")
+        if ctx.amp == "fp16" and ctx.device.type != "cuda":
+            raise ConfigError("runtime.amp=fp16 needs a CUDA device; use bf16 on CPU")
         model.to(ctx.device)
+        if ctx.channels_last:
+            model.to(memory_format=torch.channels_last)
         method.setup(model, ctx.device)
-        optimizer = self.optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
-        steps_per_epoch = len(self._loader(train_set, ctx, 0))
+        distributed.broadcast_module(model)  # every rank starts from rank 0's weights
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=parameters)
+        scaler = torch.amp.GradScaler(ctx.device.type) if ctx.amp == "fp16" else None
+        loader = self._loader(train_set, ctx)
+        steps_per_epoch = len(loader)
         scheduler = None
         if self.scheduler_factory is not None:
             kwargs = {}
@@ -141,7 +212,7 @@ class Trainer:
                 kwargs["total_steps"] = max(1, self.epochs * steps_per_epoch)
             scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         history: list[dict[str, float]] = []
-        start_epoch = 0
+        start_epoch, partial = 0, None
         path = self.checkpoint_path(ctx.run_dir)
         if path.is_file():
             state = torch.load(path, map_location=ctx.device, weights_only=True)
@@ -149,34 +220,68 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state["scheduler"] is not None:
                 scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             method.load_state_dict(state["method"])
-            _set_rng_state(state["rng"])
+            rank, world_size = distributed.world()
+            rng_ranks = state.get("rng_ranks") or [state["rng"]]
+            _set_rng_state(rng_ranks[rank] if len(rng_ranks) == world_size else state["rng"])
             history = list(state["history"])
-            start_epoch = int(state["epoch"])
-            print(f"[robustexp] resuming from {path} (epoch {start_epoch}/{self.epochs} done)")
+            start_epoch, partial = int(state["epoch"]), state.get("partial")
+            where = f", {partial['step']} steps into epoch {start_epoch + 1}" if partial else ""
+            if ctx.is_main:
+                print(f"[robustexp] resuming from {path} (epoch {start_epoch}/{self.epochs} done{where})")
 
-        for epoch in range(start_epoch + 1, self.epochs + 1):
-            history.append(self._train_epoch(model, method, optimizer, scheduler, train_set, ctx, epoch,
-                                             steps_per_epoch))
-            if scheduler is not None and self.scheduler_interval == "epoch":
-                scheduler.step()
-            ctx.log({"train/" + k: v for k, v in history[-1].items()}, None)
-            if epoch % self.checkpoint_every == 0 or epoch == self.epochs:
-                self._save_checkpoint(ctx, epoch, model, optimizer, scheduler, method, history)
-        if self.epochs > 0:
+        train_model = torch.compile(model) if ctx.compile else model
+        try:
+            for epoch in range(start_epoch + 1, self.epochs + 1):
+                history.append(self._train_epoch(train_model, model, method, optimizer, scheduler, scaler, loader,
+                                                 ctx, epoch, steps_per_epoch, history,
+                                                 partial if epoch == start_epoch + 1 else None))
+                if scheduler is not None and self.scheduler_interval == "epoch":
+                    scheduler.step()
+                distributed.broadcast_module(model, buffers_only=True)  # rank 0's BN running statistics
+                ctx.log({"train/" + k: v for k, v in history[-1].items()}, None)
+                stop = self._stop_requested(ctx.preemption) and epoch < self.epochs
+                if epoch % self.checkpoint_every == 0 or epoch == self.epochs or stop:
+                    self._save_checkpoint(ctx, epoch, model, optimizer, scheduler, scaler, method, history)
+                if stop:
+                    ctx.preemption.hand_over(str(self.checkpoint_path(ctx.run_dir)))
+        finally:
+            if ctx.channels_last:
+                model.to(memory_format=torch.contiguous_format)
+        if self.epochs > 0 and ctx.is_main:
             atomic_torch_save(model.state_dict(), ctx.run_dir / "checkpoints" / FINAL_WEIGHTS_NAME)
+        distributed.barrier()
         return {"epochs": self.epochs, "history": history, "final": history[-1] if history else {}}
 
-    def _train_epoch(self, model, method, optimizer, scheduler, train_set, ctx: TrainContext, epoch: int,
-                     steps_per_epoch: int) -> dict[str, float]:
+    def _stop_requested(self, preemption: PreemptionHandler | None) -> bool:
+        """Whether any rank received a preemption signal (ranks agree, so they stop at the same step)."""
+        flag = preemption is not None and preemption.requested
+        if distributed.active():
+            return any(distributed.all_gather_objects(flag))
+        return flag
+
+    def _train_epoch(self, train_model, model, method, optimizer, scheduler, scaler, loader, ctx: TrainContext,
+                     epoch: int, steps_per_epoch: int, history, partial: dict | None) -> dict[str, float]:
         model.train()
-        sums: dict[str, float] = {}
-        n_steps, n_images, start = 0, 0, time.perf_counter()
-        bar = tqdm(self._loader(train_set, ctx, epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{self.epochs}",
-                   leave=False, disable=not ctx.progress, mininterval=1.0)
+        start_step = int(partial["step"]) if partial else 0
+        self._set_epoch(loader, ctx, epoch, start_step)
+        sums: dict[str, float] = dict(partial["sums"]) if partial else {}
+        n_steps, n_images = start_step, int(partial["n_images"]) if partial else 0
+        elapsed_before, start = float(partial["seconds"]) if partial else 0.0, time.perf_counter()
+        autocast = torch.autocast(ctx.device.type, dtype=AMP_DTYPES[ctx.amp]) if ctx.amp else None
+        bar = tqdm(loader, total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{self.epochs}",
+                   leave=False, disable=not (ctx.progress and ctx.is_main), mininterval=1.0)
         for images, labels in bar:
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-            loss, logs = method.training_step(model, images, labels)
+            if ctx.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if autocast is not None:
+                with autocast:
+                    loss, logs = method.training_step(train_model, images, labels)
+            else:
+                loss, logs = method.training_step(train_model, images, labels)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"the training loss is {loss.item()} at epoch {epoch}, step {n_steps + 1} "
@@ -184,10 +289,17 @@ class Trainer:
                     f"or set trainer.grad_clip_norm. The last checkpoint "
                     f"({self.checkpoint_path(ctx.run_dir)}) is kept.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            distributed.average_gradients(p for group in optimizer.param_groups for p in group["params"])
             if self.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             if scheduler is not None and self.scheduler_interval == "step":
                 scheduler.step()
             n_steps += 1
@@ -196,10 +308,21 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value
             if n_steps % 20 == 0:
                 bar.set_postfix(loss=f"{sums.get('loss', math.nan) / n_steps:.3f}")
+            if self._stop_requested(ctx.preemption) and n_steps < steps_per_epoch:
+                seconds = elapsed_before + time.perf_counter() - start
+                self._save_checkpoint(ctx, epoch - 1, model, optimizer, scheduler, scaler, method, history,
+                                      partial={"step": n_steps, "sums": sums, "n_images": n_images,
+                                               "seconds": seconds})
+                if ctx.is_main:
+                    print(f"[robustexp] signal received: checkpoint written at epoch {epoch}, step {n_steps}")
+                ctx.preemption.hand_over(str(self.checkpoint_path(ctx.run_dir)))
         bar.close()
-        summary = {key: value / max(n_steps, 1) for key, value in sums.items()}
+        totals = distributed.all_gather_objects((sums, n_steps, n_images))
+        summary = {key: sum(t[0].get(key, 0.0) for t in totals) / max(sum(t[1] for t in totals), 1) for key in sums}
+        seconds = elapsed_before + time.perf_counter() - start
         summary.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"],
-                       images_per_s=n_images / max(time.perf_counter() - start, 1e-9))
-        print(f"[robustexp] epoch {epoch}/{self.epochs}: " +
-              ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
+                       images_per_s=sum(t[2] for t in totals) / max(seconds, 1e-9))
+        if ctx.is_main:
+            print(f"[robustexp] epoch {epoch}/{self.epochs}: " +
+                  ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
         return summary

@@ -1,0 +1,70 @@
+"""Checkpoint on a preemption or time-limit signal, then hand over to whoever requeues the job.
+
+SLURM sends SIGTERM when it preempts a job and, with ``--signal=USR1@120`` (or submitit's
+``USR2``), a user signal before the time limit. The handler only records the signal; the trainer
+polls it after every optimizer step, writes a mid-epoch checkpoint, and then calls
+:meth:`PreemptionHandler.hand_over`:
+
+* if another handler was installed before ours (submitit's, which resubmits the job and exits),
+  that handler is called;
+* otherwise, under SLURM with ``requeue=True``, the job is requeued with ``scontrol requeue``;
+* then :class:`Preempted` is raised: the run is marked ``preempted`` and the process exits. The
+  same command (or the requeued job) resumes from the checkpoint, to the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterable
+
+from robustexp.errors import RobustexpError
+
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class Preempted(RobustexpError):
+    """The run stopped on a signal after writing a checkpoint."""
+
+
+class PreemptionHandler:
+    def __init__(self, signals: Iterable[str] = DEFAULT_SIGNALS, requeue: bool = True):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.requeue = requeue
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> PreemptionHandler:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def hand_over(self, checkpoint: str) -> None:
+        """Called after the checkpoint is written. Does not return unless a previous handler chose
+        to ignore the signal (submitit ignores SIGTERM, for instance): then training goes on."""
+        signum, self.received = self.received, None
+        name = signal.Signals(signum).name if signum is not None else "a signal"
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+            return
+        if self.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            subprocess.run(["scontrol", "requeue", f"{job}_{task}" if task else job], check=False)
+        raise Preempted(f"stopped by {name} after writing {checkpoint}; rerun the same command to resume from it")
