@@ -146,8 +146,8 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The concatenation over ranks (in rank order) of tensors whose first dimension may differ."""
     if not active():
         return tensor
-    parts = all_gather_objects(tensor.detach().cpu())
-    return torch.cat(parts).to(tensor.device)
+    parts = [p for p in all_gather_objects(tensor.detach().cpu()) if len(p)]  # a rank may have had no batch
+    return torch.cat(parts).to(tensor.device) if parts else tensor
 
 
 def broadcast_object(obj: Any) -> Any:

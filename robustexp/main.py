@@ -278,12 +278,15 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return run(cfg, run_dir, sweep_group=sweep_group)
     except Preempted as exc:
         if multirun:
-            raise
+            raise  # the whole sweep was signalled: stop it (finished jobs are skipped when it is relaunched)
         raise SystemExit(f"robustexp: {exc}") from None
-    except RobustexpError as exc:
-        if multirun:
-            raise
-        raise SystemExit(f"robustexp: error: {exc}") from None
+    except Exception as exc:
+        if multirun:  # one failed job does not stop the sweep; run() recorded it and closed its W&B run
+            print(f"[robustexp] job failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=sys.stderr)
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(exc, RobustexpError):
+            raise SystemExit(f"robustexp: error: {exc}") from None
+        raise
     finally:
         if not multirun:
             distributed.shutdown()
