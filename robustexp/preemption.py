@@ -25,6 +25,12 @@ from robustexp.errors import RobustexpError
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
+def _other_rank_of_a_group() -> bool:
+    from robustexp import distributed
+
+    return distributed.world()[0] > 0
+
+
 class Preempted(RobustexpError):
     """The run stopped on a signal after writing a checkpoint."""
 
@@ -61,8 +67,11 @@ class PreemptionHandler:
         name = signal.Signals(signum).name if signum is not None else "a signal"
         previous = self._previous.get(signum)
         if callable(previous):
-            previous(signum, None)
-            return
+            previous(signum, None)  # submitit: requeues and exits on rank 0 (USR2); ignores SIGTERM
+            if signum == signal.SIGTERM or not _other_rank_of_a_group():
+                return
+            # ranks > 0 of a submitit job: it neither requeues nor exits there; stop with rank 0
+            raise Preempted(f"stopped by {name} with rank 0 after writing {checkpoint}")
         if self.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
             task = os.environ.get("SLURM_ARRAY_TASK_ID")
