@@ -65,12 +65,14 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 def pgd(loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, step_size: float,
         steps: int, random_init: bool = True, restarts: int = 1,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, init_std: float | None = None) -> torch.Tensor:
     """Adversarial images ``x + delta`` that maximize ``loss_fn(x + delta, y)`` (a per-example
     loss of shape (B,)) over ``||delta|| <= eps`` and ``x + delta`` in [0, 1].
 
     Each restart runs ``steps`` steps of size ``step_size`` from a random start (or from 0 when
-    ``random_init`` is false); per example, the restart with the highest final loss is kept.
+    ``random_init`` is false); per example, the restart with the highest final loss is kept. The
+    random start is uniform in the ball, or ``init_std * N(0, I)`` projected into it when
+    ``init_std`` is given (TRADES starts at ``x + 0.001 N(0, I)``, where the KL has a gradient).
     Gradients are taken with respect to the images only: the parameters of the model behind
     ``loss_fn`` receive no ``.grad``.
     """
@@ -81,7 +83,13 @@ def pgd(loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
     x = x.detach()
     best, best_loss = x.clone(), torch.full((len(x),), -torch.inf, device=x.device)
     for _ in range(restarts):
-        delta = random_start(x, norm, eps, generator) if random_init and eps > 0 else torch.zeros_like(x)
+        if not random_init or eps == 0:
+            delta = torch.zeros_like(x)
+        elif init_std is not None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = project(x, init_std * noise, norm, eps)
+        else:
+            delta = random_start(x, norm, eps, generator)
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.enable_grad():

@@ -199,7 +199,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
                 _evaluate_variants(eval_model, data, evaluators, variants, mode, metrics, tables, comparison,
                                    lambda suffix: EvalContext(
                                        run_dir=eval_dir, device=device, seed=cfg.seed, progress=progress,
-                                       num_workers=cfg.runtime.num_workers,
+                                       num_workers=cfg.runtime.num_workers, suffix=suffix,
                                        log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()})),
                                    save, kept)
         summary = metrics["summary"]

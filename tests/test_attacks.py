@@ -65,3 +65,12 @@ def test_bad_norm_is_named():
     with pytest.raises(ConfigError, match="norm='l1'"):
         pgd(lambda a, b: a.sum((1, 2, 3)), torch.zeros(1, 1, 2, 2), torch.zeros(1), norm="l1", eps=0.1,
             step_size=0.1, steps=1)
+
+
+def test_gaussian_start_is_small_and_inside_the_ball():
+    """init_std: the TRADES start x + 0.001 N(0, I), projected into the ball (0 steps: the start itself)."""
+    x = torch.full((256, 3, 4, 4), 0.5)
+    adv = pgd(lambda a, b: a.sum((1, 2, 3)), x, torch.zeros(256), norm="linf", eps=8 / 255, step_size=0.0,
+              steps=0, init_std=0.001, generator=torch.Generator().manual_seed(0))
+    delta = adv - x
+    assert delta.abs().max() <= 8 / 255 and 0.0009 < delta.std().item() < 0.0011

@@ -25,6 +25,7 @@ class EvalContext:
     num_workers: int = 0
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
     adaptation: Any = None   # a test-time adaptation attached to the model (robustexp.adaptation), or None
+    suffix: str = ""         # "@<mode>+<variant>" of this evaluation in metrics.json ("" for the plain model)
 
 
 class Evaluator:

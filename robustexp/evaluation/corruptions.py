@@ -54,10 +54,15 @@ class CorruptionEvaluator(Evaluator):
 
     ``preview_images`` > 0 writes ``corruption_preview.png`` in the run directory: a grid of
     corruptions x severities on the first test images.
+
+    Calibration (:func:`robustexp.evaluation.calibration.grid_calibration`): the RMS calibration
+    error and ECE of every subset, their means over the subsets, the ECE of all corrupted images
+    pooled, and with ``reliability_diagram`` the pooled ``reliability_corrupted.png``.
     """
 
     def __init__(self, source: CorruptionSource, corruptions="common", severities=None, batch_size: int = 500,
-                 max_images: int | None = None, ce_baseline: str | None = None, preview_images: int = 0):
+                 max_images: int | None = None, ce_baseline: str | None = None, preview_images: int = 0,
+                 reliability_diagram: bool = True):
         self.source = source
         self.corruptions, self.severities = _subsets(source, corruptions, severities)
         self.batch_size = batch_size
@@ -68,6 +73,8 @@ class CorruptionEvaluator(Evaluator):
         self.baseline = None if ce_baseline in (None, "alexnet") else load_baseline(ce_baseline)
         self.ce_baseline = ce_baseline
         self.preview_images = preview_images
+        self.reliability_diagram = reliability_diagram
+        self._figures: set[str] = set()
 
     def evaluate(self, model, data, ctx: EvalContext):
         if self.preview_images > 0:
@@ -95,8 +102,24 @@ class CorruptionEvaluator(Evaluator):
                    "summary": summary}
         if self.ce_baseline:
             results["summary"].update(self._normalized(model, data, ctx, grid))
-        ctx.log({"corruption/mCA": summary["mCA"], "corruption/mean_uCE": summary["mean_uCE"]})
+        results["calibration"] = self._calibration(grid, data, ctx)
+        ctx.log({"corruption/mCA": summary["mCA"], "corruption/mean_uCE": summary["mean_uCE"],
+                 **{f"corruption/{k}": v for k, v in results["calibration"].items() if isinstance(v, float)}})
         return results
+
+    def _calibration(self, grid, data, ctx) -> dict:
+        from robustexp.evaluation.calibration import figure_name, grid_calibration, write_reliability_diagram
+
+        calibration = grid_calibration(grid)
+        if self.reliability_diagram and calibration and sum(calibration["reliability_pooled"]["count"]):
+            name = figure_name("reliability_corrupted", ctx, self._figures)
+            n_subsets = sum(len(by_s) for by_s in grid.values())
+            write_reliability_diagram(
+                calibration["reliability_pooled"], Path(ctx.run_dir) / name,
+                f"{data.name}, {n_subsets} corruption x severity subsets pooled\n"
+                f"(mean RMS cal. over subsets {calibration['rms_calibration_error_mean']:.2f}%)")
+            calibration["reliability_png"] = name
+        return calibration
 
     def _normalized(self, model, data, ctx, grid) -> dict:
         errors = {c: {s: 100.0 - r["top1"] for s, r in by_s.items()} for c, by_s in grid.items()}
@@ -140,12 +163,21 @@ class CorruptionEvaluator(Evaluator):
         if "mCE" in s:
             text += f"  |  mCE {s['mCE']:.1f}%  |  relative mCE {s.get('relative_mCE', float('nan')):.1f}% " \
                     f"(baseline {s['ce_baseline']})"
+        cal = results.get("calibration")
+        if cal:
+            text += (f"\nRMS calibration error {cal['rms_calibration_error_mean']:.2f}% and ECE {cal['ece_mean']:.2f}% "
+                     f"(means over subsets)  |  ECE of all corrupted images {cal['ece_pooled']:.2f}%")
         return text + f"\n{results['source']}, {results['seconds']:.0f} s"
 
     def headline(self, results):
         s = results["summary"]
         keys = ("mCA", "mCA_without_noise", "mean_uCE", "mCE", "relative_mCE")
-        return {k: s[k] for k in keys if k in s}
+        headline = {k: s[k] for k in keys if k in s}
+        cal = results.get("calibration")
+        if cal:
+            headline.update(corrupted_rms_calibration_error=cal["rms_calibration_error_mean"],
+                            corrupted_ece=cal["ece_mean"], corrupted_ece_pooled=cal["ece_pooled"])
+        return headline
 
     def compare_rows(self, results):
         s = results["summary"]
@@ -229,7 +261,7 @@ class MixedCorruptionEvaluator(Evaluator):
         for (c, s), meter in zip(subsets, per_subset):
             grid.setdefault(c, {})[str(s)] = meter.result()
         result = overall.result()
-        ctx.log({f"mixed/{k}": v for k, v in result.items()})
+        ctx.log({f"mixed/{k}": v for k, v in result.items() if k != "reliability"})
         return {"source": self.source.description, "seconds": time.perf_counter() - start, "overall": result,
                 "grid": grid}
 

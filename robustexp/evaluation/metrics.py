@@ -47,25 +47,63 @@ def rms_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bin_s
     return 100.0 * total ** 0.5
 
 
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE (Guo et al. 2017), in percent: ``sum_b |b|/n * |acc_b - conf_b|`` over ``n_bins``
-    equal-width confidence bins (lo, hi]."""
-    n = len(confidence)
-    if n == 0:
-        return float("nan")
+RELIABILITY_BINS = 15
+
+
+def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = RELIABILITY_BINS
+                     ) -> dict[str, list[float]]:
+    """Per equal-width confidence bin (lo, hi] (the first bin also takes confidence 0): the
+    number of examples, their mean confidence and their accuracy (0 to 1; None for an empty
+    bin, which keeps metrics.json plain JSON). The data of a reliability diagram and of the
+    ECE; the bins of several subsets pool exactly with :func:`pool_reliability`."""
     conf, corr = confidence.double(), correct.double()
     index = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        members = index == b
-        if members.any():
-            total += float(members.sum()) / n * abs(float(corr[members].mean() - conf[members].mean()))
-    return 100.0 * total
+    count = torch.bincount(index, minlength=n_bins).double()
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
+    corr_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, corr)
+    return {"count": count.long().tolist(),
+            "confidence": [float(s / c) if c else None for s, c in zip(conf_sum, count)],
+            "accuracy": [float(s / c) if c else None for s, c in zip(corr_sum, count)]}
+
+
+def pool_reliability(bins: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """The reliability bins of the union of the subsets whose bins are given."""
+    n_bins = len(bins[0]["count"])
+    count, conf_sum, corr_sum = [0] * n_bins, [0.0] * n_bins, [0.0] * n_bins
+    for b in bins:
+        if len(b["count"]) != n_bins:
+            raise ValueError("reliability bins to pool must have the same number of bins")
+        for i, c in enumerate(b["count"]):
+            if c:
+                count[i] += c
+                conf_sum[i] += c * b["confidence"][i]
+                corr_sum[i] += c * b["accuracy"][i]
+    return {"count": count, "confidence": [s / c if c else None for s, c in zip(conf_sum, count)],
+            "accuracy": [s / c if c else None for s, c in zip(corr_sum, count)]}
+
+
+def ece_from_reliability(bins: dict[str, list[float]]) -> float:
+    """ECE in percent from reliability bins: ``sum_b |b|/n * |acc_b - conf_b|``."""
+    n = sum(bins["count"])
+    if n == 0:
+        return float("nan")
+    return 100.0 * sum(c / n * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"])
+                       if c)
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = RELIABILITY_BINS
+                               ) -> float:
+    """ECE (Guo et al. 2017), in percent: ``sum_b |b|/n * |acc_b - conf_b|`` over ``n_bins``
+    equal-width confidence bins (lo, hi]."""
+    if len(confidence) == 0:
+        return float("nan")
+    return ece_from_reliability(reliability_bins(confidence, correct, n_bins))
 
 
 class AccuracyMeter:
     """Accumulates top-1 / top-5 counts, the summed cross-entropy and the (confidence,
-    correct) pairs for calibration over batches."""
+    correct) pairs for calibration over batches. The result holds the RMS calibration error,
+    the ECE and the 15 reliability bins (count, mean confidence, accuracy per bin)."""
 
     def __init__(self):
         self.n = 0
@@ -90,7 +128,8 @@ class AccuracyMeter:
         correct = torch.cat(self.hits) if self.hits else torch.empty(0)
         return {"top1": 100.0 * self.correct[1] / n, "top5": 100.0 * self.correct[5] / n,
                 "loss": self.loss_sum / n, "rms_calibration_error": rms_calibration_error(confidence, correct),
-                "ece": expected_calibration_error(confidence, correct), "n": self.n}
+                "ece": expected_calibration_error(confidence, correct), "n": self.n,
+                "reliability": reliability_bins(confidence, correct)}
 
 
 def corruption_errors(errors: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float] | float],
