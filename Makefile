@@ -26,9 +26,10 @@ test: $(STAMP)  ## install what is missing, then run the default test suite (< 1
 test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x224 fidelity)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine vs reference, certification (ARGS=--quick)
+bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine, certification, runner overhead (ARGS=--quick)
 	$(PY) scripts/bench_corruptions.py $(ARGS)
 	$(PY) scripts/bench_certify.py $(ARGS)
+	$(PY) scripts/bench_runner.py $(ARGS)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf outputs multirun
