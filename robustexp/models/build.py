@@ -82,6 +82,9 @@ def load_weights(net: nn.Module, path: str | Path) -> None:
     state = read_state_dict(path)
     if any(k.startswith("net.") for k in state):
         state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    from robustexp.models.dual_bn import prepare_for_state_dict
+
+    prepare_for_state_dict(net, state)  # an AdvBN fine-tune saved main + auxiliary BNs: rebuild the pairs
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
