@@ -9,6 +9,7 @@ evaluators -> metrics.json + summary.md + W&B. Every component is built from its
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 import time
@@ -180,7 +181,8 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         method = instantiate_component(cfg.method, label="method") if cfg.get("method") else StandardTraining()
         trainer = instantiate_component(cfg.trainer, label="trainer")
         # built before training, so that a bad eval or adaptation option fails now rather than after training
-        evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()}
+        evaluators = {key: instantiate_component(node) for key, node in (cfg.eval.get("evaluators") or {}).items()
+                      if node is not None}  # an experiment drops an evaluator with `<key>: null`
         variants, grid_points = adaptation_variants(cfg.get("adaptation"))
         report = instantiate_component(cfg.adaptation.report) if cfg.get("adaptation") and \
             cfg.adaptation.get("report") else None
@@ -192,6 +194,10 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         train_ctx = _train_context(cfg, run_dir, device, tracker.log, preemption)
         metrics["train"] = trainer.fit(model, method, data.train, train_ctx)
         save()
+        preemption.immediate = True
+        if preemption.requested:  # signalled after the last training step
+            raise Preempted(f"stopped by {signal.Signals(preemption.received).name} after training; rerun the "
+                            "same command to evaluate")
 
         tables, comparison = [], {}
         for mode, open_mode in method.evaluation_modes(model).items():
@@ -215,7 +221,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
                 ["", *names], [[label, *(row.get(v, "") for v in names)] for label, row in comparison.items()],
                 precision=1))
     except BaseException as exc:
-        preempted = isinstance(exc, Preempted)
+        preempted = isinstance(exc, (Preempted, SystemExit))  # SystemExit: submitit requeued the job
         metrics["status"] = "preempted" if preempted else \
             "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         metrics["error"] = f"{type(exc).__name__}: {exc}"

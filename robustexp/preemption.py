@@ -1,5 +1,8 @@
 """Checkpoint on a preemption or time-limit signal, then hand over to whoever requeues the job.
 
+During evaluation (``immediate``) the handler raises at once: the runner has saved every finished
+evaluation in ``metrics.json``, and a rerun computes only the missing ones.
+
 SLURM sends SIGTERM when it preempts a job and, with ``--signal=USR1@120`` (or submitit's
 ``USR2``), a user signal before the time limit. The handler only records the signal; the trainer
 polls it after every optimizer step, writes a mid-epoch checkpoint, and then calls
@@ -40,6 +43,7 @@ class PreemptionHandler:
         self.signals = [getattr(signal, name) for name in signals]
         self.requeue = requeue
         self.received: int | None = None
+        self.immediate = False  # after training: stop at once (evaluations done so far are kept)
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionHandler:
@@ -55,6 +59,13 @@ class PreemptionHandler:
 
     def _record(self, signum: int, frame) -> None:
         self.received = signum
+        if self.immediate:  # evaluating: nothing to checkpoint, the finished evaluations are in metrics.json
+            previous = self._previous.get(signum)
+            if callable(previous):  # submitit: requeue (and exit) on its signal, ignore SIGTERM
+                previous(signum, frame)
+                return
+            raise Preempted(f"stopped by {signal.Signals(signum).name} during evaluation; rerun the same command "
+                            "to resume (finished evaluations are kept)")
 
     @property
     def requested(self) -> bool:

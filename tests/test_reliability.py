@@ -281,3 +281,14 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
     losses32, losses16 = ([h["loss"] for h in r["history"]] for r in (fp32, bf16))
     assert losses16 != losses32  # autocast did run in reduced precision
     assert losses16 == pytest.approx(losses32, abs=0.03)
+
+
+def test_a_signal_during_evaluation_stops_at_once():
+    handler = PreemptionHandler(["SIGUSR1"]).install()
+    handler.immediate = True
+    try:
+        with pytest.raises(Preempted, match="SIGUSR1 during evaluation"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs between bytecodes: before this sleep ends
+    finally:
+        handler.uninstall()
