@@ -15,7 +15,9 @@ Tables, each written as markdown, CSV and LaTeX (booktabs) into ``--out`` (defau
   column per variant (Schneider et al. Table 1: mCE, or mCA where there is no AlexNet baseline);
 * ``corruptions``: top-1 per corruption (mean over severities), one column per run and variant;
 * ``gaussian_noise``: accuracy under Gaussian noise per sigma, with and without adaptation,
-  mean ± 2 sd over seeds (Nandy et al. Table 1);
+  mean ± 2 sd over runs and seeds (Nandy et al. Table 1);
+* ``adversarial``: robust top-1 under PGD (and EoT-PGD with adaptation) per threat model
+  (Nandy et al. Table 2);
 * ``certified``: certified accuracy at the evaluated radii per sigma (Nandy et al. Fig. 3 /
   Cohen et al. Table 1), and ``certified.png``: certified accuracy against radius for every run.
 
@@ -264,50 +266,84 @@ def corruptions_table(runs: Sequence[Run]) -> Table | None:
                                                                                     *[c[0] for c in columns]], rows)
 
 
+def _results(run: Run, evaluator: str) -> list[tuple[str, dict[str, Any]]]:
+    """(variant, result) of one evaluator in a run, the unadapted model first."""
+    out = []
+    for variant in run.variants():
+        key = evaluator if variant == "none" else f"{evaluator}@{variant}"
+        if isinstance(run.metrics.get(key), dict):
+            out.append((variant, run.metrics[key]))
+    return out
+
+
+def _row_label(label: str, variant: str) -> str:
+    return label if variant == "none" else f"{label} @{variant}"
+
+
 def gaussian_noise_table(runs: Sequence[Run]) -> Table | None:
-    """Accuracy under Gaussian noise per sigma and variant, mean ± 2 sd over seeds and noise draws."""
-    rows = []
+    """Top-1 under Gaussian noise per sigma and variant: mean ± 2 sd over every run of every seed
+    (Nandy et al. report mean ± 2 sd of 5 runs)."""
     sigmas: list[str] = []
     for run in runs:
-        for key, result in run.metrics.items():
-            if key.split("@")[0] == "gaussian_noise" and isinstance(result, dict):
-                sigmas += [s for s in (result.get("per_sigma") or {}) if s not in sigmas]
+        for _, result in _results(run, "gaussian_noise"):
+            sigmas += [s for s in result.get("sigmas", {}) if s not in sigmas]
     if not sigmas:
         return None
+    rows = []
     for label, group in _group(runs).items():
-        for variant in group[0].variants():
-            key = "gaussian_noise" if variant == "none" else f"gaussian_noise@{variant}"
-            if key not in group[0].metrics:
-                continue
+        for variant, _ in _results(group[0], "gaussian_noise"):
             cells = []
             for sigma in sigmas:
-                values = [a for r in group for a in
-                          ((r.metrics.get(key) or {}).get("per_sigma", {}).get(sigma, {}).get("accuracies") or [])]
+                values = [v for r in group for var, res in _results(r, "gaussian_noise") if var == variant
+                          for v in res.get("sigmas", {}).get(sigma, {}).get("top1_runs", [])]
                 cells.append(_cell(values, spread=2.0))
-            rows.append([label if variant == "none" else f"{label} @{variant}", *cells])
-    return Table("gaussian_noise", "Top-1 (%) under Gaussian noise, mean ± 2 sd over seeds (Nandy et al. Table 1)",
-                 ["run", *[f"sigma={s}" for s in sigmas]], rows)
+            rows.append([_row_label(label, variant), *cells])
+    return Table("gaussian_noise", "Top-1 (%) under Gaussian noise, mean ± 2 sd over runs and seeds "
+                 "(Nandy et al. Table 1)", ["run", *[f"sigma={s}" for s in sigmas]], rows)
+
+
+def adversarial_table(runs: Sequence[Run]) -> Table | None:
+    """Robust top-1 per attack, without adaptation (PGD) and with it (EoT-PGD) (Nandy et al. Table 2)."""
+    attacks: list[str] = []
+    for run in runs:
+        for _, result in _results(run, "pgd"):
+            attacks += [a for a in result.get("attacks", {}) if a not in attacks]
+    if not attacks:
+        return None
+    rows = []
+    for label, group in _group(runs).items():
+        for variant, _ in _results(group[0], "pgd"):
+            def values(attack, field):
+                return [res["attacks"][attack][field] for r in group for var, res in _results(r, "pgd")
+                        if var == variant and attack in res.get("attacks", {})]
+            rows.append([_row_label(label, variant), _cell(values(attacks[0], "clean_top1")),
+                         *(_cell(values(a, "robust_top1")) for a in attacks)])
+    first = next(res for r in runs for _, res in _results(r, "pgd"))["attacks"]
+    headers = [f"{a} eps={first[a]['eps']:g}" if a in first else a for a in attacks]
+    return Table("adversarial", "Robust top-1 (%) under PGD; with adaptation, EoT-PGD (Nandy et al. Table 2)",
+                 ["run", "clean", *headers], rows)
 
 
 def certified_table(runs: Sequence[Run]) -> tuple[Table | None, list[tuple[str, list[float], list[float]]]]:
-    """Certified accuracy at the evaluated radii, and the curves (label, radii, accuracy) to plot."""
-    rows, curves, radii_header = [], [], None
-    for run in runs:
-        for key, result in run.metrics.items():
-            if key.split("@")[0] != "certify" or not isinstance(result, dict):
-                continue
-            for sigma, per in (result.get("per_sigma") or {}).items():
-                at = per.get("certified_accuracy") or {}
-                radii_header = radii_header or list(at)
-                label = f"{run.label} s{run.seed}{'' if '@' not in key else ' @' + key.split('@', 1)[1]} sigma={sigma}"
-                rows.append([label, *(f"{at.get(r, math.nan):.1f}" for r in radii_header)])
-                curve = per.get("curve") or {}
-                if curve:
-                    curves.append((label, curve["radius"], curve["accuracy"]))
+    """Certified accuracy (%) at the evaluated radii per sigma and for the per-image envelope over
+    sigma, and the curves (label, radii, accuracy) to plot."""
+    rows, curves, radii = [], [], None
+    for label, group in _group(runs).items():
+        for run in group:
+            for variant, result in _results(run, "certify"):
+                entries = [(f"sigma={s}", v) for s, v in result.get("sigmas", {}).items()]
+                if result.get("envelope"):
+                    entries.append(("envelope", result["envelope"]))
+                for name, entry in entries:
+                    at = entry.get("certified_accuracy") or {}
+                    radii = radii or list(at)
+                    row_label = f"{_row_label(label, variant)} s{run.seed} {name}"
+                    rows.append([row_label, *(f"{100 * at[r]:.1f}" if r in at else "" for r in radii)])
+                    curves.append((row_label, [float(r) for r in at], [100 * v for v in at.values()]))
     if not rows:
         return None, curves
-    return Table("certified", "Certified accuracy (%) at radius r (randomized smoothing)",
-                 ["run", *[f"r={r}" for r in radii_header]], rows), curves
+    return Table("certified", "Certified top-1 (%) at L2 radius r (randomized smoothing)",
+                 ["run", *[f"r={r}" for r in radii]], rows), curves
 
 
 # ---------------------------------------------------------------------- plots
@@ -355,7 +391,7 @@ def _plot_curves(curves, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- command
-TABLES = ("methods", "adaptation", "corruptions", "gaussian_noise", "certified")
+TABLES = ("methods", "adaptation", "corruptions", "gaussian_noise", "adversarial", "certified")
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, tables: Sequence[str] = TABLES) -> dict[str, Any]:
@@ -376,7 +412,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, tables: Sequence[
             table, curves = certified_table(runs)
         else:
             table = {"methods": methods_table, "adaptation": adaptation_table, "corruptions": corruptions_table,
-                     "gaussian_noise": gaussian_noise_table}[name](runs)
+                     "gaussian_noise": gaussian_noise_table, "adversarial": adversarial_table}[name](runs)
         if table is not None:
             built.append(table)
     files = []

@@ -33,7 +33,7 @@ def _sweep_jobs(name: str) -> list[list[str]]:
 def test_every_paper_table_has_a_small_and_a_full_experiment():
     small = {e.removesuffix("_small") for e in EXPERIMENTS if e.endswith("_small")}
     full = {e for e in EXPERIMENTS if not e.endswith("_small")}
-    assert small == full and len(small) >= 8, (small, full)
+    assert small == full and len(small) >= 10, (small, full)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -85,3 +85,29 @@ def test_errors_name_the_path_or_option(tmp_path, capsys):
         build_report([tmp_path / "runs"], tmp_path / "out", ["mce"])
     assert main([str(tmp_path / "no_such_dir")]) == 2
     assert "robustexp.report: error:" in capsys.readouterr().err
+
+
+def test_gaussian_noise_adversarial_and_certified_tables(tmp_path):
+    for seed, runs_by_variant in ((0, ([10.0, 12.0], [40.0, 44.0])), (1, ([14.0], [42.0]))):
+        plain, adapted = runs_by_variant
+        _run(tmp_path, f"n{seed}", "pgd_at", seed, {"clean_top1@momentum": 97.0, "clean_top1": 97.0},
+             adaptation={"name": "momentum"}, extra={
+                 "gaussian_noise": {"sigmas": {"0.5": {"top1_runs": plain}}},
+                 "gaussian_noise@momentum": {"sigmas": {"0.5": {"top1_runs": adapted}}},
+                 "pgd": {"attacks": {"linf": {"eps": 0.1, "clean_top1": 98.0, "robust_top1": 4.0 + seed}}},
+                 "pgd@momentum": {"attacks": {"linf": {"eps": 0.1, "clean_top1": 99.0, "robust_top1": 6.0}}},
+                 "certify@momentum": {"sigmas": {"0.25": {"certified_accuracy": {"0": 0.96, "0.5": 0.22}}},
+                                      "envelope": {"certified_accuracy": {"0": 0.96, "0.5": 0.3}}}})
+    result = build_report([tmp_path / "runs"], tmp_path / "out", ["gaussian_noise", "adversarial", "certified"])
+    assert result["tables"] == ["gaussian_noise", "adversarial", "certified"]
+    noise = {r[0]: r[1] for r in csv.reader(open(tmp_path / "out" / "gaussian_noise.csv"))}
+    # pooled runs of both seeds: (10, 12, 14) -> 12.0 ± 2 x 2.0; (40, 44, 42) -> 42.0 ± 2 x 2.0
+    assert noise["pgd_at / small_cnn / mnist5k / momentum"] == "12.0 ± 4.0"
+    assert noise["pgd_at / small_cnn / mnist5k / momentum @momentum"] == "42.0 ± 4.0"
+    adversarial = list(csv.reader(open(tmp_path / "out" / "adversarial.csv")))
+    assert adversarial[0] == ["run", "clean", "linf eps=0.1"]
+    assert adversarial[1][1:] == ["98.0 ± 0.0", "4.5 ± 0.7"] and adversarial[2][1:] == ["99.0 ± 0.0", "6.0 ± 0.0"]
+    certified = list(csv.reader(open(tmp_path / "out" / "certified.csv")))
+    assert certified[0] == ["run", "r=0", "r=0.5"]
+    assert certified[1][1:] == ["96.0", "22.0"] and certified[2][0].endswith("envelope")
+    assert (tmp_path / "out" / "certified.png").stat().st_size > 1000
