@@ -3,8 +3,13 @@
 For every corruption (and severity), images per second of ``TorchCorruptionEngine`` on a full
 batch and of ``ReferenceCorruptionEngine(workers=1)`` on a subset of the same batch (the
 reference works image by image, so its rate does not depend on the batch size), on the same
-deterministic images. All torch timings of a setting are taken before its reference timings. Settings: 224x224 RGB, batch 64 and 28x28 gray (MNIST digits), batch 1000,
-on CPU (and on CUDA when available, torch engine only).
+deterministic images. All torch timings of a setting are taken before its reference timings.
+Settings: 224x224 RGB, batch 64 and 28x28 gray (MNIST digits), batch 1000, on CPU (and on CUDA
+when available, torch engine only). Both sides run with the process's default threads: torch's
+intra-op pool (``torch.get_num_threads()``, which the engine also uses for Pillow's JPEG codec)
+and, for the reference, whatever numpy / OpenCV use. The engine receives the whole batch and
+splits it into cache-sized sub-batches itself (``TorchCorruptionEngine.cpu_chunk_values``,
+recorded in the JSON).
 
 Writes bench/results/corruptions.json and bench/results/corruptions.md and prints the table.
 The overall speedup is total reference time / total torch time for one image of every
@@ -237,6 +242,7 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
             or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "severities": list(severities), "devices": devices,
+            "torch_cpu_chunk_values": TorchCorruptionEngine().cpu_chunk_values,
             "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None}
     started = time.perf_counter()
     log = lambda line: print(line, flush=True)  # noqa: E731

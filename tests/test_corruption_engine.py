@@ -258,8 +258,36 @@ def test_cuda_matches_cpu(eng, name):
     x = natural_images(2, 32, 32)
     out = eng(x.cuda(), name, 3, 0)
     assert out.is_cuda and out.shape == x.shape
-    if name in DETERMINISTIC:
+    if name == "jpeg_compression":  # CPU runs Pillow's codec; CUDA the torch pipeline, same on both
+        assert psnr(out.cpu(), _torch_jpeg(x, 3)) >= 45
+    elif name in DETERMINISTIC:
         assert psnr(out.cpu(), eng(x, name, 3, 0)) >= 45
+
+
+def _torch_jpeg(x: torch.Tensor, severity: int) -> torch.Tensor:
+    """The engine's torch JPEG pipeline (used off CPU) on a CPU batch, with the engine's tail."""
+    from robustexp.data.corruptions._jpeg import jpeg_roundtrip
+
+    channels = x.shape[1]
+    rgb = x.expand(-1, 3, -1, -1)
+    out = jpeg_roundtrip(torch.round(rgb * 255), E.JPEG_QUALITY[severity - 1]) / 255.0
+    return E.finish(out, channels, True)
+
+
+@pytest.mark.parametrize("kind,batch", [("mnist28", 8), ("rgb32", 8)])
+def test_torch_jpeg_pipeline_matches_reference(ref, kind, batch):
+    """The torch JPEG pipeline, which the engine runs on CUDA (on CPU it calls Pillow), against the
+    reference's Pillow codec, pixel-wise (float DCT vs libjpeg's integer DCT: >= 35 dB)."""
+    x = images(kind, batch)
+    _check_pixelwise({s: ref(x, "jpeg_compression", s, 0) for s in SEVERITIES},
+                     {s: _torch_jpeg(x, s) for s in SEVERITIES}, PSNR_MIN)
+
+
+def test_cpu_jpeg_is_pillows_codec(ref, eng):
+    """On CPU the engine's jpeg_compression is the reference's codec: identical 8-bit outputs."""
+    x = images("rgb32", 8)
+    for s in SEVERITIES:
+        assert torch.equal(eng(x, "jpeg_compression", s, 0), ref(x, "jpeg_compression", s, 0))
 
 
 @pytest.mark.parametrize("name", ALL_CORRUPTIONS)
@@ -342,3 +370,81 @@ def test_plasma_fractal_statistics(severity):
     other = 2.0 if decay != 2.0 else 1.4  # another severity's decay
     wrong = stats(E.plasma_fractal(48, 32, other, g, "cpu"))
     assert not ((wrong - ref_stats).abs() <= 0.1 * ref_stats).all()
+
+
+# ------------------------------------------------------------------ the table-driven Poisson sampler (shot noise)
+
+
+@pytest.mark.parametrize("scale", [E.SHOT_NOISE[0], E.SHOT_NOISE[4]])
+def test_poisson_alias_tables_encode_the_poisson_pmf(scale):
+    """The alias tables give back, for every 8-bit level, scipy's Poisson pmf of the reference's
+    rate l / 255. * c (the truncated tail lies below float64 resolution)."""
+    from scipy.stats import poisson
+
+    from robustexp.data.corruptions import _ops
+
+    pmf = _ops.poisson_pmf_levels(scale)
+    prob, alias = _ops.alias_tables(pmf)
+    rows, k = prob.shape
+    implied = prob.clone()
+    implied.scatter_add_(1, alias, 1.0 - prob)  # column j receives (1 - prob[i]) for every alias[i] = j
+    implied /= k
+    rates = np.arange(256) / 255. * scale
+    expected = poisson.pmf(np.arange(k)[None, :], rates[:, None])
+    assert np.abs(implied.numpy() - expected).max() < 1e-13
+    assert float(poisson.sf(k - 1, rates.max())) < 1e-15  # nothing left out beyond the table
+
+
+def _chi_square_pvalue(counts: np.ndarray, rate: float) -> float:
+    """Pearson chi-square of integer samples against Poisson(rate), bins pooled to >= 20 expected."""
+    from scipy.stats import chi2, poisson
+
+    n = counts.size
+    edges, lo = [], 0
+    while poisson.sf(lo - 1, rate) * n >= 40:  # pool the upper tail into the last bin
+        hi = lo
+        while poisson.cdf(hi, rate) - poisson.cdf(lo - 1, rate) < 20 / n:
+            hi += 1
+        edges.append((lo, hi))
+        lo = hi + 1
+    observed = [((counts >= a) & (counts <= b)).sum() for a, b in edges] + [(counts >= lo).sum()]
+    expected = [n * (poisson.cdf(b, rate) - poisson.cdf(a - 1, rate)) for a, b in edges] + [n * poisson.sf(lo - 1, rate)]
+    observed, expected = np.array(observed, float), np.array(expected)
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    return float(chi2.sf(stat, len(observed) - 1))
+
+
+@pytest.mark.parametrize("scale,level", [(60, 255), (60, 37), (25, 128), (3, 200), (3, 20)])
+def test_poisson_levels_sampler_chi_square(scale, level):
+    """200,000 draws at one level against scipy's Poisson (chi-square, p > 1e-4 with a fixed seed),
+    mean and variance within 4 standard errors; negative control: a rate 5% off is rejected."""
+    from robustexp.data.corruptions import _ops
+
+    g = torch.Generator().manual_seed(level)
+    levels = torch.full((200_000,), float(level))
+    counts = _ops.poisson_levels(levels, scale, g).numpy()
+    assert np.array_equal(counts, np.round(counts))
+    rate = level / 255. * scale
+    n = counts.size
+    assert abs(counts.mean() - rate) < 4 * math.sqrt(rate / n)
+    assert abs(counts.var() - rate) < 4 * rate * math.sqrt(2 / n + 1 / (rate * n))
+    assert _chi_square_pvalue(counts, rate) > 1e-4
+    assert _chi_square_pvalue(counts, rate * 1.05) < 1e-4
+
+
+def test_shot_noise_sampler_choice():
+    """8-bit images take the table sampler, others torch.poisson; both give Poisson(x c) counts:
+    mean and variance of the counts per level group match the rate."""
+    g = torch.Generator().manual_seed(0)
+    on_levels = torch.randint(0, 256, (4, 3, 64, 64), generator=g).float() / 255
+    off_levels = on_levels + 0.3 / 255
+    for x in (on_levels, off_levels):
+        counts = E._draw_shot_noise(x, 2, torch.Generator().manual_seed(1))["counts"].double()
+        rate = (x * E.SHOT_NOISE[1]).double()
+        assert abs(float((counts - rate).mean())) < 4 * math.sqrt(float(rate.mean()) / rate.numel())
+        assert abs(float((counts - rate).var()) / float(rate.mean()) - 1) < 0.02
+    # the table path is seeded and differs from torch.poisson's stream
+    a = E._draw_shot_noise(on_levels, 2, torch.Generator().manual_seed(1))["counts"]
+    b = E._draw_shot_noise(on_levels, 2, torch.Generator().manual_seed(1))["counts"]
+    c = torch.poisson(on_levels * E.SHOT_NOISE[1], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)

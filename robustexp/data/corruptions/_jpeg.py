@@ -15,12 +15,19 @@ Pipeline (baseline, RGB input, Pillow defaults):
 The forward and inverse DCTs are exact float DCTs, whereas libjpeg uses the integer "islow"
 DCT; a coefficient that lies within a rounding error of a quantisation boundary can therefore
 land in the neighbouring bin, so the output is close to, not bit-identical with, Pillow's.
+
+On CPU tensors ``pil_jpeg_roundtrip`` runs Pillow's own codec instead (the reference's code path,
+bit-identical, and 2-3x faster than the torch pipeline on CPU); ``jpeg_roundtrip`` serves
+other devices.
 """
 
 from __future__ import annotations
 
+import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from robustexp.data.corruptions._ops import take
@@ -179,3 +186,32 @@ def _edge_fixed_horizontal(colsum: torch.Tensor, w_out: int) -> torch.Tensor:
     # with clamped neighbours, the first even is (4*this + 8) >> 4 and the last odd (4*this + 7) >> 4
     out = torch.stack((even, odd), -1).reshape(*colsum.shape[:-1], 2 * n)
     return out[..., :w_out]
+
+
+_POOL: dict = {}
+
+
+def _pil_roundtrip_one(image: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def pil_jpeg_roundtrip(rgb255: torch.Tensor, quality: int) -> torch.Tensor:
+    """(B, 3, H, W) CPU float, integer values 0..255 -> Pillow's JPEG save (``quality``) and load,
+    as the reference does, (B, 3, H, W) float 0..255.
+
+    The images are coded on ``torch.get_num_threads()`` threads (Pillow releases the GIL while it
+    encodes and decodes), the same thread budget as the engine's torch operations."""
+    arr = rgb255.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    threads = max(1, min(torch.get_num_threads(), len(arr)))
+    if threads == 1:
+        out = [_pil_roundtrip_one(a, quality) for a in arr]
+    else:
+        if threads not in _POOL:
+            _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="jpeg")
+        out = list(_POOL[threads].map(_pil_roundtrip_one, arr, [quality] * len(arr)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(rgb255.dtype)

@@ -23,7 +23,8 @@ Known deviations (see docs/corruption_fidelity.md): the random streams differ fr
 random corruptions agree in distribution only (given the same random numbers they agree
 pixel-wise; the tests replay numpy's draws); spatter (severity 1-3) replaces OpenCV's Canny edges
 and mask-5 distance transform by the inner boundary of the liquid mask and an exact (truncated)
-Euclidean distance; JPEG uses float DCTs instead of libjpeg's integer DCT.
+Euclidean distance; JPEG on non-CPU devices uses float DCTs instead of libjpeg's integer DCT (on
+CPU it runs Pillow's codec, as the reference).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from robustexp.data.corruptions import _ops
-from robustexp.data.corruptions._jpeg import jpeg_roundtrip
+from robustexp.data.corruptions._jpeg import jpeg_roundtrip, pil_jpeg_roundtrip
 from robustexp.data.corruptions.names import ALL_CORRUPTIONS, check_corruption_request
 from robustexp.errors import DatasetError
 from robustexp.utils import derive_seed
@@ -100,7 +101,14 @@ def _apply_gaussian_noise(x, severity, z):
 
 
 def _draw_shot_noise(x, severity, g):
+    """Poisson(x * c) counts. Images on 8-bit levels (what the reference sees: it converts to uint8
+    first) take the exact table sampler ``_ops.poisson_levels`` (256 rates per severity, ~4x faster
+    than ``torch.poisson``); other inputs ``torch.poisson`` with the rate x * c as given."""
     c = SHOT_NOISE[severity - 1]
+    v = x * 255.0
+    levels = torch.round(v)
+    if bool(v.sub_(levels).abs_().le_(1e-3).all()):
+        return {"counts": _ops.poisson_levels(levels, c, g)}
     return {"counts": torch.poisson(x * c, generator=g)}
 
 
@@ -243,10 +251,10 @@ def _apply_zoom_blur(x, severity):
     """Mirrors ``zoom_blur``: the mean of the image and its ``clipped_zoom`` by each factor of
     ``np.arange(1, 1.11, .01)`` ... ``np.arange(1, 1.31, .03)`` (scipy zoom, order 1); clip."""
     factors = zoom_factors(severity)
-    out = torch.zeros_like(x)
+    out = x.clone()
     for z in factors:
-        out += _ops.clipped_zoom(x, z)
-    return ((x + out) / (len(factors) + 1)).clamp(0, 1)
+        out += _ops.clipped_zoom(x, z)  # factor 1 is x itself (no resampling)
+    return out.div_(len(factors) + 1).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------ weather
@@ -265,7 +273,7 @@ def _apply_snow(x, severity, z, angles):
     angle ~ U(-135, -45) per image, rounded to 8 bits; the image is brightened towards
     ``max(x, 1.5 * gray + 0.5)`` and the layer and its 180-degree rotation are added; clip."""
     loc, scale, zoom, thr, radius, sigma, blend = SNOW[severity - 1]
-    layer = (loc + scale * z.to(torch.float64)).unsqueeze(1)
+    layer = (loc + scale * z.to(x.dtype)).unsqueeze(1)  # float32: ~1e-7 of a level before the rounding
     layer = _ops.clipped_zoom(layer, zoom, cut=False)  # the reference blurs the uncut zoom
     layer = torch.where(layer < thr, torch.zeros_like(layer), layer).clamp(0, 1)
     layer = _ops.motion_blur(layer, radius, sigma, angles)
@@ -441,9 +449,19 @@ def _apply_saturate(x, severity):
 
 def _apply_jpeg_compression(x, severity):
     """Mirrors ``jpeg_compression``: PIL JPEG save/load at quality in [25, 18, 15, 10, 7]
-    (libjpeg, 4:2:0, standard tables); see ``_jpeg`` for what is exact and what is not."""
+    (libjpeg, 4:2:0, standard tables). On CPU this *is* Pillow's codec (bit-identical); on other
+    devices the torch pipeline of ``_jpeg`` (see there for what is exact and what is not)."""
     q = JPEG_QUALITY[severity - 1]
-    return jpeg_roundtrip(torch.round(x * 255), q) / 255.0
+    v = torch.round(x * 255)
+    if x.device.type == "cpu":
+        return pil_jpeg_roundtrip(v, q).div_(255.0)
+    return jpeg_roundtrip(v, q) / 255.0
+
+
+@lru_cache(maxsize=None)
+def _pil_box_matrix(n_in: int, n_out: int, device: str, dtype) -> _ops.BlockedMatrix:
+    """``_pil_box_weights`` as a cached ``BlockedMatrix`` (each output averages a few inputs)."""
+    return _ops.BlockedMatrix(_pil_box_weights(n_in, n_out, device).to(dtype))
 
 
 def _pil_box_weights(n_in: int, n_out: int, device) -> torch.Tensor:
@@ -465,6 +483,7 @@ def _pil_box_weights(n_in: int, n_out: int, device) -> torch.Tensor:
     return wts.to(device)
 
 
+@lru_cache(maxsize=None)
 def _pil_nearest_index(n_in: int, n_out: int, device) -> torch.Tensor:
     """Source indices of Pillow's NEAREST resize (``ImagingScaleAffine``): the coordinate starts
     at ``scale / 2`` and is *accumulated* in float64, which matters at exact integers."""
@@ -485,20 +504,20 @@ def _apply_pixelate(x, severity):
     _, _, h, w = x.shape
     sh, sw = int(h * c), int(w * c)
     v = torch.round(x * 255)
-    wx = _pil_box_weights(w, sw, x.device).to(x.dtype)
-    wy = _pil_box_weights(h, sh, x.device).to(x.dtype)
-    v = torch.floor(_ops.apply_axes(v, None, wx) + (0.5 + 1e-4)).clamp(0, 255)
-    v = torch.floor(_ops.apply_axes(v, wy, None) + (0.5 + 1e-4)).clamp(0, 255)
-    v = _ops.take(v, 2, _pil_nearest_index(sh, h, x.device))
-    v = _ops.take(v, 3, _pil_nearest_index(sw, w, x.device))
+    wx = _pil_box_matrix(w, sw, str(x.device), x.dtype)
+    wy = _pil_box_matrix(h, sh, str(x.device), x.dtype)
+    v = torch.floor(wx.right(v) + (0.5 + 1e-4)).clamp(0, 255)
+    v = torch.floor(wy.left(v) + (0.5 + 1e-4)).clamp(0, 255)
+    v = _ops.take(v, 2, _pil_nearest_index(sh, h, str(x.device)))
+    v = _ops.take(v, 3, _pil_nearest_index(sw, w, str(x.device)))
     return v / 255.0
 
 
 def _draw_elastic_transform(x, severity, g):
     b, _, h, w = x.shape
     m = h * 0.005  # max_dx = max_dy = shape[0] * 0.005 in the reference
-    return {"ux": _uniform((b, h, w), -m, m, g, x.device).double(),
-            "uy": _uniform((b, h, w), -m, m, g, x.device).double()}
+    return {"ux": _uniform((b, h, w), -m, m, g, x.device),
+            "uy": _uniform((b, h, w), -m, m, g, x.device)}
 
 
 def _apply_elastic_transform(x, severity, ux, uy):
@@ -509,8 +528,9 @@ def _apply_elastic_transform(x, severity, ux, uy):
     b, c, h, w = x.shape
     alpha = ELASTIC_ALPHA[severity - 1]
     sigma = (h * 0.01, w * 0.01)
-    dx = (_ops.gaussian_filter(ux.double(), sigma, truncate=3, mode="symmetric") * alpha).float()
-    dy = (_ops.gaussian_filter(uy.double(), sigma, truncate=3, mode="symmetric") * alpha).float()
+    # float32 smoothing: a smoothed displacement of a few pixels is exact to ~1e-6 px
+    dx = _ops.gaussian_filter(ux.to(x.dtype), sigma, truncate=3, mode="symmetric") * alpha
+    dy = _ops.gaussian_filter(uy.to(x.dtype), sigma, truncate=3, mode="symmetric") * alpha
     # map_coordinates(order=1, mode='reflect') == bilinear grid_sample with reflection about the
     # pixel borders (align_corners=False): both extend the image symmetrically
     ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
@@ -597,11 +617,10 @@ def _apply_spatter(x, severity, z):
     if mode == 0:
         l8 = torch.floor(liquid * 255).remainder(256).float()  # astype(np.uint8)
         mask = l8 > 0
-        mf = mask.float().unsqueeze(1)
-        cross = torch.tensor([[0., 1., 0.], [1., 1., 1.], [0., 1., 0.]], device=x.device)
-        pad = F.pad(mf, (1, 1, 1, 1), mode="replicate")
-        eroded = (F.conv2d(pad, cross.view(1, 1, 3, 3)) >= 5).float()
-        edges = (mask & (eroded.squeeze(1) < 0.5))
+        # erosion by the 4-neighbourhood cross (edge-replicated border) as shifted ANDs
+        mp = _ops.pad(mask, 1, 1, 1, 1, "nearest")
+        eroded = mask & mp[:, :-2, 1:-1] & mp[:, 2:, 1:-1] & mp[:, 1:-1, :-2] & mp[:, 1:-1, 2:]
+        edges = mask & ~eroded
         dist = _truncated_edt(edges, 20)
         dist = torch.floor(_ops.correlate2d(dist, _BOX3.to(x.device), "reflect101") + 1e-4)
         dist = _equalize_hist(dist)
@@ -646,27 +665,45 @@ class TorchCorruptionEngine:
     returns the corrupted batch (same shape, dtype and device). The randomness comes from a
     ``torch.Generator`` seeded with ``derive_seed(seed, name, severity)``; each image of the
     batch gets its own draws. ``quantize=True`` truncates to 8-bit levels like the reference.
+
+    On CPU the batch is processed in consecutive sub-batches of about ``cpu_chunk_values`` values
+    (at least one image): every corruption is a chain of full-tensor passes, and on a CPU these
+    are several times faster when the tensors stay in the caches (and below glibc's mmap
+    threshold, so that each temporary does not page-fault fresh memory) than on a whole batch of
+    224 px images (38 MB per tensor at B = 64). The sub-batches draw from the same generator in
+    order, so the output is a function of (images, name, severity, seed) for a given
+    ``cpu_chunk_values``; other devices take the batch in one piece.
     """
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, quantize: bool = True):
+    def __init__(self, device: str | None = None, quantize: bool = True, cpu_chunk_values: int = 1 << 19):
         self.device = torch.device(device) if device is not None else None
         self.quantize = bool(quantize)
+        self.cpu_chunk_values = int(cpu_chunk_values)
+
+    def _sub_batch(self, shape, device: torch.device) -> int:
+        b, _, h, w = shape
+        if device.type != "cpu" or self.cpu_chunk_values <= 0:
+            return max(b, 1)
+        return max(1, self.cpu_chunk_values // (3 * h * w))
 
     def __call__(self, images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
         check_corruption_request(images, name, severity)
         device = self.device or images.device
-        x = images.detach().to(device=device, dtype=torch.float32).clamp(0, 1)
-        channels = x.shape[1]
-        if channels == 1:
-            x = x.expand(-1, 3, -1, -1).contiguous()
+        channels = images.shape[1]
         generator = torch.Generator(device=device)
         generator.manual_seed(derive_seed(seed, name, severity))
+        out = torch.empty(images.shape, dtype=torch.float32, device=device)
+        step = self._sub_batch(images.shape, device)
         with torch.no_grad():
-            draws = DRAW[name](x, severity, generator) if DRAW[name] is not None else {}
-            out = APPLY[name](x, severity, **draws)
-            out = finish(out.to(torch.float32), channels, self.quantize)
+            for start in range(0, images.shape[0], step):
+                x = images[start:start + step].detach().to(device=device, dtype=torch.float32).clamp(0, 1)
+                if channels == 1:
+                    x = x.expand(-1, 3, -1, -1).contiguous()
+                draws = DRAW[name](x, severity, generator) if DRAW[name] is not None else {}
+                result = APPLY[name](x, severity, **draws)
+                out[start:start + step] = finish(result.to(torch.float32), channels, self.quantize)
         return out.to(device=images.device, dtype=images.dtype if images.is_floating_point() else torch.float32)
 
     def apply(self, images: torch.Tensor, name: str, severity: int, **draws) -> torch.Tensor:
