@@ -19,8 +19,7 @@ def test_rank_from_torchrun_then_slurm_then_single_process():
 
 
 def test_single_process_order_is_the_seeded_dataloader_shuffle():
-    """The sampler reproduces DataLoader(shuffle=True, generator=seeded) exactly (results of
-    single-process runs did not change when the distributed sampler was introduced)."""
+    """The sampler reproduces a fresh DataLoader(shuffle=True, generator=seeded) exactly."""
     data = TensorDataset(torch.arange(103))
     sampler = EpochSampler(data, seed=7)
     for epoch in (1, 2):

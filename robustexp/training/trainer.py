@@ -54,9 +54,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class EpochSampler(DistributedSampler):
     """The shuffled order of one epoch, this rank's share of it, from a given position on.
 
-    The order of epoch ``e`` is a permutation seeded from ``(seed, e)``; it is the order a
-    ``DataLoader(shuffle=True, generator=Generator().manual_seed(that seed))`` would give, so that a
-    single-process run is unchanged by the distributed code. With K ranks the permutation is padded
+    The order of epoch ``e`` is a permutation seeded from ``(seed, e)``, the order a fresh
+    ``DataLoader(shuffle=True, generator=Generator().manual_seed(that seed))`` gives (tested), and
+    independent of the global RNG. With K ranks the permutation is padded
     to a multiple of K and rank r takes every K-th index from r (``DistributedSampler``'s
     convention). ``start`` skips the first indices of the epoch: a run resumed from a mid-epoch
     checkpoint continues with exactly the images it had not seen yet."""
