@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.report import format_table, save_figure
 from robustexp.utils import atomic_write_bytes
 
 METHOD_COLUMNS = (  # (column label, summary key)
@@ -280,13 +280,19 @@ def _row_label(label: str, variant: str) -> str:
     return label if variant == "none" else f"{label} @{variant}"
 
 
+def _keys_of(runs: Sequence[Run], evaluator: str, field: str) -> list[str]:
+    """The keys of ``result[field]`` over every result of ``evaluator``, in first-seen order."""
+    keys: list[str] = []
+    for run in runs:
+        for _, result in _results(run, evaluator):
+            keys += [k for k in result.get(field, {}) if k not in keys]
+    return keys
+
+
 def gaussian_noise_table(runs: Sequence[Run]) -> Table | None:
     """Top-1 under Gaussian noise per sigma and variant: mean ± 2 sd over every run of every seed
     (Nandy et al. report mean ± 2 sd of 5 runs)."""
-    sigmas: list[str] = []
-    for run in runs:
-        for _, result in _results(run, "gaussian_noise"):
-            sigmas += [s for s in result.get("sigmas", {}) if s not in sigmas]
+    sigmas = _keys_of(runs, "gaussian_noise", "sigmas")
     if not sigmas:
         return None
     rows = []
@@ -304,10 +310,7 @@ def gaussian_noise_table(runs: Sequence[Run]) -> Table | None:
 
 def adversarial_table(runs: Sequence[Run]) -> Table | None:
     """Robust top-1 per attack, without adaptation (PGD) and with it (EoT-PGD) (Nandy et al. Table 2)."""
-    attacks: list[str] = []
-    for run in runs:
-        for _, result in _results(run, "pgd"):
-            attacks += [a for a in result.get("attacks", {}) if a not in attacks]
+    attacks = _keys_of(runs, "pgd", "attacks")
     if not attacks:
         return None
     rows = []
@@ -368,9 +371,7 @@ def _plot_methods(table: Table, path: Path) -> None:
     ax.set_ylabel("top-1 %")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_curves(curves, path: Path) -> None:
@@ -385,9 +386,7 @@ def _plot_curves(curves, path: Path) -> None:
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy %")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- command

@@ -69,7 +69,7 @@ def test_trades_kl_equals_a_hand_computation():
 
 
 def test_trades_attack_stays_in_the_ball_and_raises_the_kl():
-    model, (images, labels) = _model(), _batch()
+    model, (images, _) = _model(), _batch()
     model.train()
     torch.manual_seed(0)
     adversarial = TRADES(eps=EPS, steps=7).adversarial_examples(model, images)

@@ -29,7 +29,7 @@ from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError, DatasetError
 from robustexp.evaluation.base import EvalContext, Evaluator, test_batches
 from robustexp.evaluation.corruptions import _subsets
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.report import format_table, save_figure
 from robustexp.models.dual_bn import DualBatchNorm, dual_bn_layers
 
 CSV_STEM, PLOT_STEM = "feature_divergence", "feature_divergence"
@@ -300,10 +300,7 @@ class FeatureDivergenceEvaluator(Evaluator):
         ax.set_title(f"feature divergence: {results['reference']} vs targets{branch}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     # ------------------------------------------------------------------ reporting
     def table(self, results):

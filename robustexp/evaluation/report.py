@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cell(value, precision: int) -> str:
@@ -21,3 +22,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], precision: in
                                  for i, (v, w) in enumerate(zip(values, widths))) + " |"
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([line([str(h) for h in headers]), sep, *(line(r) for r in cells)])
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure (closing frees it: runs make many plots)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -22,7 +22,7 @@ from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_batches, evaluate_subset
 from robustexp.evaluation.corruptions import _subsets
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.report import format_table, save_figure
 
 # the four ImageNet-C hold-out corruptions belong to these categories (Hendrycks & Dietterich 2019)
 HOLDOUT_CATEGORIES = {"speckle_noise": "noise", "gaussian_blur": "blur", "spatter": "weather", "saturate": "digital"}
@@ -270,10 +270,7 @@ class ShiftEvaluator(Evaluator):
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         fig.suptitle(f"covariate shift vs error ({results['source']})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def plot_layers(self, results, path: Path) -> Path:
         """Fig. 3 (iv-v): W2 per BN layer, averaged over corruptions, one line per severity."""
@@ -298,10 +295,7 @@ class ShiftEvaluator(Evaluator):
         ax.set_title("covariate shift per BN layer", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     # ------------------------------------------------------------------ reporting
     def table(self, results):

@@ -17,7 +17,6 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 LUMA = (0.299, 0.587, 0.114)
 
