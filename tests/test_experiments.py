@@ -65,6 +65,7 @@ def _small_run_overrides(name: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the longest small experiments run 10-25 min on 2 CPU cores, past the default 600 s
 @pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e.endswith("_small")])
 def test_small_experiment_runs(name, tmp_path):
     jobs = _sweep_jobs(name)
