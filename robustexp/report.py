@@ -126,7 +126,8 @@ def _load_run(path: Path) -> Run:
 
 
 def collect_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[Run]]:
-    """(complete runs, incomplete runs) found under ``paths`` (run, sweep or runs directories)."""
+    """(complete runs, incomplete runs) found under ``paths``: run, sweep or runs directories, or any
+    folder with runs deeper below (``output_root``); a run reached twice (a sweep's link) counts once."""
     found: dict[Path, Run] = {}
     for given in paths:
         path = Path(given)
@@ -136,6 +137,8 @@ def collect_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[Run]]:
         candidates = [path] if (path / "metrics.json").is_file() else \
             [p / "run" if (p / "run").is_dir() else p for p in sorted(path.iterdir()) if p.is_dir()]
         candidates = [c for c in candidates if (c / "metrics.json").is_file()]
+        if not candidates:  # an output root (runs/ and sweeps/ below it) or a folder of those
+            candidates = [m.parent for m in sorted(path.rglob("metrics.json"))]
         if not candidates:
             raise ReportError(f"{path}: no metrics.json in it or in its subfolders")
         for c in candidates:
@@ -370,7 +373,8 @@ def _plot_methods(table: Table, path: Path) -> None:
     ax.set_xticklabels([r[0].split(" / ")[0] for r in table.rows], rotation=30, ha="right")
     ax.set_ylabel("top-1 %")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    # above the axes: inside it would cover the bars, which reach 100 %
+    ax.legend(fontsize=8, ncols=len(wanted), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     save_figure(fig, path)
 
 

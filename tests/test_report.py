@@ -72,6 +72,8 @@ def test_sweep_directories_are_followed_through_their_run_links(tmp_path):
     (job / "run").symlink_to(run)
     result = build_report([job.parent], tmp_path / "out", ["methods"])
     assert result["runs"] == 1
+    # the output root itself: its runs/ and the sweep's link to the same run count once
+    assert build_report([tmp_path], tmp_path / "out2", ["methods"])["runs"] == 1
 
 
 def test_errors_name_the_path_or_option(tmp_path, capsys):
