@@ -14,6 +14,9 @@ Tables, each written as markdown, CSV and LaTeX (booktabs) into ``--out`` (defau
 * ``adaptation``: one row per run that was evaluated under test-time adaptation variants, one
   column per variant (Schneider et al. Table 1: mCE, or mCA where there is no AlexNet baseline);
 * ``corruptions``: top-1 per corruption (mean over severities), one column per run and variant;
+* ``corruption_gap``: one row per run and variant: clean top-1, corrupted top-1 (mCA), their gap,
+  mCE and relative mCE (AlexNet- or baseline-normalized) or else the mean unnormalized CE
+  (Nandy et al. Table 3);
 * ``gaussian_noise``: accuracy under Gaussian noise per sigma, with and without adaptation,
   mean ± 2 sd over runs and seeds (Nandy et al. Table 1);
 * ``adversarial``: robust top-1 under PGD (and EoT-PGD with adaptation) per threat model
@@ -104,7 +107,8 @@ class Run:
     def variants(self) -> list[str]:
         """'none' and the adaptation variants this run was evaluated under (in evaluation order);
         the points of a grid sweep (``+adaptation=schneider_fig1``) are left to its own CSV / plot."""
-        grid = set(self.metrics.get("adaptation") or {}) if self.metrics.get("adaptation_sweep") else set()
+        sweep = self.metrics.get("adaptation_sweep") or {}
+        grid = set(sweep.get("grid_variants", self.metrics.get("adaptation") or {})) if sweep else set()
         names = ["none"]
         for key in self.summary:
             if "@" in key:
@@ -269,6 +273,50 @@ def corruptions_table(runs: Sequence[Run]) -> Table | None:
                                                                                     *[c[0] for c in columns]], rows)
 
 
+def _summary_value(run: Run, key: str, variant: str) -> float:
+    """``summary[key]`` of the unadapted model (``variant == 'none'``) or ``summary[key@variant]``."""
+    value = run.summary.get(key if variant == "none" else f"{key}@{variant}", math.nan)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _clean_gap(run: Run, variant: str) -> float:
+    """Clean top-1 minus mCA (Nandy et al. Table 3, "Gaps"): the run's ``clean_gap`` where the runner
+    stored it, else from ``clean_top1`` and ``mCA`` of the same variant."""
+    stored = _summary_value(run, "clean_gap", variant)
+    return stored if not math.isnan(stored) else \
+        _summary_value(run, "clean_top1", variant) - _summary_value(run, "mCA", variant)
+
+
+CORRUPTION_GAP_COLUMNS = (  # (column label, summary key); None: computed by _clean_gap
+    ("clean", "clean_top1"), ("corrupt (mCA)", "mCA"), ("gap", None), ("mCE", "mCE"),
+    ("relative mCE", "relative_mCE"), ("mean uCE", "mean_uCE"))
+
+
+def corruption_gap_table(runs: Sequence[Run]) -> Table | None:
+    """Nandy et al. Table 3: per run and adaptation variant, clean top-1, top-1 under corruptions
+    (mCA over the evaluated corruptions x severities), the gap between them, mCE and relative mCE
+    (where a CE baseline normalized them); without a baseline the mean unnormalized CE instead.
+    Mean ± sd over seeds."""
+    entries = [(label, group, variant) for label, group in _group(runs).items() for variant in group[0].variants()
+               if not math.isnan(_summary_value(group[0], "mCA", variant))]
+    if not entries:
+        return None
+    has_mce = any(not math.isnan(_summary_value(g[0], "mCE", v)) for _, g, v in entries)
+    normalized_keys = ("mCE", "relative_mCE") if has_mce else ("mean_uCE",)
+    columns = [(label, key) for label, key in CORRUPTION_GAP_COLUMNS
+               if key in (None, "clean_top1", "mCA") or key in normalized_keys]
+    rows = [[_row_label(label, variant), str(len(group)),
+             *(_cell([_clean_gap(r, variant) if key is None else _summary_value(r, key, variant) for r in group])
+               for _, key in columns)] for label, group, variant in entries]
+    normalized = "mCE and relative mCE normalized by the CE baseline" if has_mce else \
+        "mean unnormalized CE (no CE baseline)"
+    return Table("corruption_gap", "Top-1 (%) clean and under corruptions, their gap, and "
+                 f"{'mCE' if has_mce else 'mean uCE'} (Nandy et al. Table 3)",
+                 ["run", "seeds", *[label for label, _ in columns]], rows,
+                 note=f"corrupt: mCA over the evaluated corruptions x severities; gap: clean - corrupt; {normalized}; "
+                      "mean ± sd over seeds", label_columns=2)
+
+
 def _results(run: Run, evaluator: str) -> list[tuple[str, dict[str, Any]]]:
     """(variant, result) of one evaluator in a run, the unadapted model first."""
     out = []
@@ -394,7 +442,7 @@ def _plot_curves(curves, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- command
-TABLES = ("methods", "adaptation", "corruptions", "gaussian_noise", "adversarial", "certified")
+TABLES = ("methods", "adaptation", "corruptions", "corruption_gap", "gaussian_noise", "adversarial", "certified")
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, tables: Sequence[str] = TABLES) -> dict[str, Any]:
@@ -415,7 +463,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, tables: Sequence[
             table, curves = certified_table(runs)
         else:
             table = {"methods": methods_table, "adaptation": adaptation_table, "corruptions": corruptions_table,
-                     "gaussian_noise": gaussian_noise_table, "adversarial": adversarial_table}[name](runs)
+                     "corruption_gap": corruption_gap_table, "gaussian_noise": gaussian_noise_table,
+                     "adversarial": adversarial_table}[name](runs)
         if table is not None:
             built.append(table)
     files = []

@@ -72,7 +72,7 @@ def test_small_experiment_runs(name, tmp_path):
     jobs = _sweep_jobs(name)
     args = ["-m"] if len(jobs) > 1 else []
     cfg = compose_config([f"+experiment={name}"], toy=False)
-    if OmegaConf.is_missing(cfg.model, "checkpoint"):  # fine-tuning experiments: train the model to start from
+    if cfg.model.get("require_checkpoint"):  # fine-tuning experiments: train the model to start from
         base = tmp_path / "base"
         _cli(["logger.mode=disabled", "runtime.progress=false", "eval=clean", f"output_root={base}"])
         (checkpoint,) = base.glob("runs/*/checkpoints/model_final.pt")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from robustexp.errors import ConfigError
+from robustexp.main import CONFIG_DIR
 from robustexp.models.build import NormalizedClassifier, build_model
 from robustexp.models.resnet_cifar import resnet18_cifar
 from robustexp.models.small_cnn import SmallCNN
@@ -89,3 +91,25 @@ def test_missing_or_mismatched_checkpoint(tmp_path):
     torch.save(SmallCNN(num_classes=3, in_channels=1).state_dict(), path)
     with pytest.raises(ConfigError, match="does not fit the model SmallCNN"):
         build_model(compose_config([f"model.checkpoint={path}"]).model, 10, (0.5,), (0.5,))
+
+
+def test_a_required_checkpoint_that_is_not_given_is_a_clear_error(tmp_path):
+    """``model.require_checkpoint: true`` (the experiments that evaluate given weights) refuses to
+    build a randomly initialized model; with the checkpoint it loads it."""
+    with pytest.raises(ConfigError, match=r"model.checkpoint is required .* pass model.checkpoint="):
+        build_model(compose_config(["+model.require_checkpoint=true"]).model, 10, (0.5,), (0.5,))
+    torch.manual_seed(0)
+    saved = SmallCNN(num_classes=10, in_channels=1)
+    torch.save(saved.state_dict(), tmp_path / "w.pt")
+    model = build_model(compose_config(["+model.require_checkpoint=true", f"model.checkpoint={tmp_path / 'w.pt'}"]
+                                       ).model, 10, (0.5,), (0.5,))
+    assert torch.equal(model.net.state_dict()["features.0.weight"], saved.state_dict()["features.0.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_experiments_do_not_rely_on_a_missing_checkpoint_value(name):
+    """``checkpoint: ???`` in an experiment is silently replaced by the model group's null (Hydra
+    keeps an existing value when a missing one is merged over it): experiments say
+    ``require_checkpoint: true`` instead."""
+    text = (Path(CONFIG_DIR) / "experiment" / f"{name}.yaml").read_text()
+    assert "checkpoint: ???" not in text

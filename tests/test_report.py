@@ -113,3 +113,57 @@ def test_gaussian_noise_adversarial_and_certified_tables(tmp_path):
     assert certified[0] == ["run", "r=0", "r=0.5"]
     assert certified[1][1:] == ["96.0", "22.0"] and certified[2][0].endswith("envelope")
     assert (tmp_path / "out" / "certified.png").stat().st_size > 1000
+
+
+def test_corruption_gap_table_is_nandy_table3_per_variant(tmp_path):
+    """Nandy et al. Table 3: clean, corrupt (mCA), gap = clean - corrupt, mCE and relative mCE per
+    variant; the gap is taken from the summary where the runner stored it, else computed."""
+    for seed, (clean, mca, mce, rmce) in enumerate([(75.0, 39.0, 77.0, 103.0), (75.4, 39.0, 77.0, 103.6)]):
+        _run(tmp_path, f"in{seed}", "standard", seed,
+             {"clean_top1": clean, "mCA": mca, "clean_gap": clean - mca, "mCE": mce, "relative_mCE": rmce,
+              "mean_uCE": 100 - mca,
+              # adapted variant: no clean_gap@momentum in the summary (the runner stores only the plain one)
+              "clean_top1@momentum": 74.4, "mCA@momentum": 49.0 + seed, "mCE@momentum": 64.3,
+              "relative_mCE@momentum": 70.8, "mean_uCE@momentum": 51.0 - seed},
+             adaptation={"name": "momentum"})
+    _run(tmp_path, "digits", "pgd_at", 0, {"clean_top1": 98.0, "mCA": 30.0, "mean_uCE": 70.0,
+                                           "clean_top1@momentum": 97.0, "mCA@momentum": 66.0,
+                                           "mean_uCE@momentum": 34.0}, adaptation={"name": "momentum"})
+    # every table of the command includes it; a run without corruption results is left out of it
+    _run(tmp_path, "noise_only", "gnt", 0, {"clean_top1": 90.0})
+    result = build_report([tmp_path / "runs"], tmp_path / "out", ["corruption_gap"])
+    assert result["tables"] == ["corruption_gap"]
+    rows = list(csv.reader(open(tmp_path / "out" / "corruption_gap.csv")))
+    assert rows[0] == ["run", "seeds", "clean", "corrupt (mCA)", "gap", "mCE", "relative mCE"]
+    by_run = {r[0]: r[1:] for r in rows[1:]}
+    # seeds pooled: clean (75.0, 75.4) -> 75.2 ± 0.3; gaps (36.0, 36.4) -> 36.2 ± 0.3; rmCE (103, 103.6) -> 103.3
+    assert by_run["standard / small_cnn / mnist5k / momentum"] == \
+        ["2", "75.2 ± 0.3", "39.0 ± 0.0", "36.2 ± 0.3", "77.0 ± 0.0", "103.3 ± 0.4"]
+    # adapted: gap computed from clean_top1@momentum - mCA@momentum = (25.4, 24.4) -> 24.9 ± 0.7
+    assert by_run["standard / small_cnn / mnist5k / momentum @momentum"] == \
+        ["2", "74.4 ± 0.0", "49.5 ± 0.7", "24.9 ± 0.7", "64.3 ± 0.0", "70.8 ± 0.0"]
+    assert by_run["pgd_at / small_cnn / mnist5k / momentum @momentum"][:4] == ["1", "97.0", "66.0", "31.0"]
+    assert not any(r.startswith("gnt") for r in by_run)
+    # without a CE baseline (digits) the table shows the mean unnormalized CE instead of mCE
+    _run(tmp_path / "d", "digits", "pgd_at", 0, {"clean_top1": 98.0, "mCA": 30.0, "mean_uCE": 70.0,
+                                                 "clean_top1@momentum": 97.0, "mCA@momentum": 66.0,
+                                                 "mean_uCE@momentum": 34.0}, adaptation={"name": "momentum"})
+    assert main([str(tmp_path / "d" / "runs"), "--out", str(tmp_path / "out_d"), "--tables", "corruption_gap"]) == 0
+    digits = list(csv.reader(open(tmp_path / "out_d" / "corruption_gap.csv")))
+    assert digits == [["run", "seeds", "clean", "corrupt (mCA)", "gap", "mean uCE"],
+                      ["pgd_at / small_cnn / mnist5k / momentum", "1", "98.0", "30.0", "68.0", "70.0"],
+                      ["pgd_at / small_cnn / mnist5k / momentum @momentum", "1", "97.0", "66.0", "31.0", "34.0"]]
+
+
+def test_adaptation_table_keeps_the_variants_that_are_not_points_of_the_grid(tmp_path):
+    """Schneider Table 1 in one run: the grid of partial_N* variants stays in its own files, the full
+    adaptation and the selected partial variant are columns of the adaptation table."""
+    summary = {"mCA": 29.0, "mCA@full": 70.0, "mCA@partial_N1": 60.0, "mCA@partial_N16": 65.0,
+               "mCA@partial_selected": 65.0}
+    _run(tmp_path, "t1", "standard", 0, summary, adaptation={"name": "schneider-table1"},
+         extra={"adaptation": {"full": "full", "partial_N1": "N1", "partial_N16": "N16"},
+                "adaptation_sweep": {"grid_variants": ["partial_N1", "partial_N16"]}})
+    build_report([tmp_path / "runs" / "t1"], tmp_path / "out", ["adaptation"])
+    rows = list(csv.reader(open(tmp_path / "out" / "adaptation.csv")))
+    assert rows[0] == ["run", "seeds", "none", "full", "partial_selected"]
+    assert rows[1][2:] == ["29.0", "70.0", "65.0"]

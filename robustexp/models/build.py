@@ -12,7 +12,7 @@ from torch import nn
 from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError
 
-MODEL_META_KEYS = ("name", "checkpoint", "input_channels")
+MODEL_META_KEYS = ("name", "checkpoint", "input_channels", "require_checkpoint")
 
 
 class NormalizedClassifier(nn.Module):
@@ -46,6 +46,14 @@ def build_model(model_cfg: DictConfig | Mapping, num_classes: int, mean: Sequenc
     net_channels = cfg.get("input_channels") or len(mean)
     if "_target_" not in cfg:
         raise ConfigError(f"model config {cfg.get('name', '?')!r} has no _target_")
+    if cfg.get("require_checkpoint") and not cfg.get("checkpoint"):
+        # An experiment that evaluates or fine-tunes given weights says so with require_checkpoint: true.
+        # (``checkpoint: ???`` in an experiment file does not work: Hydra keeps the model group's
+        # ``checkpoint: null`` when merging a missing value over it, and the run would silently use
+        # random weights.)
+        raise ConfigError(f"model.checkpoint is required by this run (model.require_checkpoint=true) but is "
+                          f"{cfg.get('checkpoint')!r}: pass model.checkpoint=<a local .pt/.pth or .safetensors "
+                          f"file> with the weights to evaluate or fine-tune")
     net = instantiate_component(cfg, meta_keys=MODEL_META_KEYS, num_classes=num_classes, in_channels=net_channels)
     if cfg.get("checkpoint"):
         load_weights(net, cfg.checkpoint)
