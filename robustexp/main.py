@@ -77,6 +77,7 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
     """Run every evaluator on ``model`` under every adaptation variant, merging results into
     ``metrics`` (saved after each evaluator, so nothing computed is lost if a later one fails).
     Results in ``kept`` (from an interrupted attempt of this run) are reused, not recomputed."""
+    once: set[str] = set()  # evaluators independent of the adaptation (per_variant=False) run once per mode
     for variant, adaptation in variants.items():
         suffix = _suffix(mode, variant)
         if adaptation is not None:
@@ -89,8 +90,10 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
         eval_ctx.adaptation = adaptation
         try:
             for key, evaluator in evaluators.items():
-                if key + _suffix(mode, "none") in metrics and not getattr(evaluator, "per_variant", True):
-                    continue  # independent of the adaptation: evaluated once per mode
+                if not getattr(evaluator, "per_variant", True):
+                    if key in once:
+                        continue  # independent of the adaptation: evaluated once per mode
+                    once.add(key)
                 if key + suffix in kept:
                     result = kept[key + suffix]
                     print(f"[robustexp] {key}{suffix}: kept from the interrupted attempt")
@@ -209,10 +212,14 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
                                        log=lambda m, sfx=suffix: tracker.log({k + sfx: v for k, v in m.items()})),
                                    save, kept)
         summary = metrics["summary"]
-        if "clean_top1" in summary and "mCA" in summary:
-            summary["clean_gap"] = summary["clean_top1"] - summary["mCA"]
+        for key in [k for k in summary if k.split("@")[0] == "mCA"]:  # clean-to-corrupted gap per variant
+            suffix = key[len("mCA"):]                                   # (Nandy et al. Table 3)
+            if "clean_top1" + suffix in summary:
+                summary["clean_gap" + suffix] = summary["clean_top1" + suffix] - summary[key]
         if report is not None:
             metrics["adaptation_sweep"] = report(summary, grid_points, eval_dir)
+            if metrics["adaptation_sweep"].get("table"):  # a report's own table (the selected prior N)
+                tables.append(metrics["adaptation_sweep"]["table"])
             if is_main:
                 print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
         names = list(next(iter(comparison.values()), {}))

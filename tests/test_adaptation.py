@@ -206,3 +206,35 @@ def test_schneider_sweep_writes_csv_and_curves(tmp_path):
     for n in (10, 50):
         assert summary[f"mean_uCE@N100000_n{n}"] == pytest.approx(summary["mean_uCE"], abs=1e-9)
     assert metrics["adaptation_sweep"]["best"]["variant"] in {r["variant"] for r in rows}
+
+
+def test_adhoc_is_the_unadapted_model_and_single_image_is_bn_adaptation_at_n1():
+    """Schneider et al. Sec. 2: the ad hoc scenario is n = 1, "not allowed to adapt": the model as
+    trained. BN adaptation to single images with an N = 16 prior (their Fig. 1) is single_image."""
+    from robustexp.adaptation import NoAdaptation
+    from robustexp.evaluation.base import evaluate_subset
+    from robustexp.main import adaptation_variants
+
+    variants, _ = adaptation_variants(compose_config(["+adaptation=adhoc"]).adaptation)
+    assert list(variants) == ["adhoc"] and isinstance(variants["adhoc"], NoAdaptation)
+    single, _ = adaptation_variants(compose_config(["+adaptation=single_image"]).adaptation)
+    assert list(single) == ["none", "bn"] and (single["bn"].prior_strength, single["bn"].batch_size) == (16, 1)
+    # evaluated under adhoc, a model gives the unadapted model's predictions; under single_image it does not
+    model = trained_like_cnn()
+    images, labels = torch.rand(32, 1, 28, 28) + 0.5, torch.arange(32) % 10
+
+    def make(n):
+        return ((images[i:i + n], labels[i:i + n]) for i in range(0, 32, n))
+
+    def loss(adaptation):
+        ctx = EvalContext(run_dir=".", device=torch.device("cpu"), seed=0, progress=False, adaptation=adaptation)
+        if adaptation is not None:
+            adaptation.attach(model)
+        try:
+            return evaluate_subset(model, make, ctx, batch_size=16)["loss"]
+        finally:
+            if adaptation is not None:
+                adaptation.detach()
+
+    assert loss(variants["adhoc"]) == pytest.approx(loss(None), abs=1e-6)
+    assert loss(single["bn"]) != pytest.approx(loss(None), abs=1e-6)

@@ -131,3 +131,59 @@ def test_a_bad_eval_option_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown imagenet_c corruption\(s\) \['rain'\]"):
         run(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+class _CountingEvaluator:
+    """An evaluator that records the adaptation it was called under."""
+
+    def __init__(self, per_variant):
+        self.per_variant, self.calls = per_variant, []
+
+    def evaluate(self, model, data, ctx):
+        self.calls.append(ctx.adaptation)
+        return {"value": float(len(self.calls))}
+
+    def headline(self, result):
+        return {"value": result["value"]}
+
+    def table(self, result):
+        return ""
+
+    def compare_rows(self, result):
+        return []
+
+
+class _Variant:
+    def attach(self, model):
+        return self
+
+    def detach(self):
+        pass
+
+    def describe(self):
+        return "stub"
+
+
+@pytest.mark.parametrize("with_unadapted", [True, False])
+def test_evaluators_independent_of_the_adaptation_run_once_per_mode(with_unadapted):
+    """per_variant=False evaluators run once whatever the variants, also without the unadapted model
+    (``evaluate_unadapted: false``, where no un-suffixed result exists); per-variant ones run for each."""
+    from types import SimpleNamespace
+
+    from robustexp.main import _evaluate_variants
+
+    once, each = _CountingEvaluator(False), _CountingEvaluator(True)
+    variants = {**({"none": None} if with_unadapted else {}), "a": _Variant(), "b": _Variant()}
+    metrics = {"summary": {}}
+    _evaluate_variants(torch.nn.Identity(), None, {"once": once, "each": each}, variants, "", metrics, [], {},
+                       lambda suffix: SimpleNamespace(), lambda: None, {})
+    assert len(once.calls) == 1 and len(each.calls) == len(variants)
+
+
+def test_clean_to_corrupted_gap_is_reported_per_adaptation_variant(tmp_path):
+    """clean_gap = clean top-1 - mCA for the unadapted model and each variant (Nandy et al. Table 3)."""
+    metrics = run(compose_config(["+adaptation=full", "eval.evaluators.eps_star=null", "trainer.epochs=1"]), tmp_path)
+    s = metrics["summary"]
+    for suffix in ("", "@full"):
+        assert s["clean_gap" + suffix] == pytest.approx(s["clean_top1" + suffix] - s["mCA" + suffix])
+    assert s["clean_gap@full"] != s["clean_gap"]

@@ -62,7 +62,9 @@ class SweepReport:
         self._plot(rows, summary.get(self.metric), png_path)
         best = min(rows, key=lambda r: r[self.metric]) if "CA" not in self.metric and "top1" not in self.metric \
             else max(rows, key=lambda r: r[self.metric])
-        return {"csv": str(csv_path), "png": str(png_path), "best": best}
+        # grid_variants: which adaptation variants of the run are points of this sweep (the others, e.g. full
+        # adaptation next to a grid, are columns of their own in robustexp.report)
+        return {"csv": str(csv_path), "png": str(png_path), "best": best, "grid_variants": list(points)}
 
     def _plot(self, rows, unadapted, path: Path) -> None:
         import matplotlib
