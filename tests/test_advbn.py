@@ -315,6 +315,126 @@ def test_attack_passes_do_not_move_auxiliary_statistics():
     assert [a - c for a, c in zip(after, counters)] == [1, 1, 1, 1]
 
 
+def _record_attack_losses(method):
+    """Wrap ``method.advbn.attack`` so that every loss it evaluates is recorded (with the model's
+    buffers at the attack's start and the training flags seen inside)."""
+    record = {"losses": []}
+    original = method.advbn.attack
+
+    def attack(features, loss_of_features):
+        def recorded(f_adv):
+            loss = loss_of_features(f_adv)
+            record["losses"].append(loss.item())
+            return loss
+        return original(features, recorded)
+
+    method.advbn.attack = attack
+    return record
+
+
+def _aux_loss(model, method, images, labels, training):
+    """CE of the unperturbed batch through the auxiliary BNs, the rear in train or eval mode (the
+    frozen front always in eval mode), leaving every buffer as it was."""
+    from robustexp.methods.advbn import frozen_running_stats
+
+    model.train(training)
+    method._freeze_front_mode()
+    with bn_branch(model, "aux"), frozen_running_stats(model.modules()), torch.no_grad():
+        loss = F.cross_entropy(model(images), labels).item()
+    model.train()
+    method._freeze_front_mode()
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_attack_bn_mode_sets_the_statistics_the_attack_sees(mode):
+    """``attack_bn_mode: eval`` (default; the authors' ``model.eval()`` in ``perturb``): the attack's
+    first loss, at multipliers 1 (f_adv = ReLU(f) = f), is the eval-mode loss through the auxiliary
+    BNs' running statistics; ``train``: the loss with batch statistics. The two differ here (running
+    statistics of the trained-like CNN differ from the batch's)."""
+    model = _classifier()
+    method = AdvBNTraining("features.6", steps=2, attack_bn_mode=mode)
+    assert method.attack_bn_mode == mode
+    method.setup(model, CPU)
+    images, labels = _batch()
+    model.train()
+    eval_loss = _aux_loss(model, method, images, labels, training=False)
+    train_loss = _aux_loss(model, method, images, labels, training=True)
+    assert abs(eval_loss - train_loss) > 1e-3
+    record = _record_attack_losses(method)
+    method.training_step(model, images, labels)
+    assert len(record["losses"]) == 2
+    assert record["losses"][0] == pytest.approx(eval_loss if mode == "eval" else train_loss, rel=1e-5)
+    # the modes are back: the sub-network trains in train mode, the frozen front stays in eval mode
+    assert model.training and model.net.features[8].aux.training
+    assert not any(m.training for m in method.front)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_attack_leaves_no_trace_in_any_buffer(mode):
+    """Inside :func:`attack_bn_context` forward passes in train mode and an attack leave every buffer
+    as it was; in a training step the auxiliary running mean moves exactly once, by the momentum
+    update with the final adversarial pass' batch mean (Algorithm 1's theta update), however many
+    attack passes ran."""
+    from robustexp.methods.advbn import attack_bn_context
+
+    model = _classifier()
+    method = AdvBNTraining("features.6", steps=6, attack_bn_mode=mode)
+    method.setup(model, CPU)
+    images, labels = _batch()
+    model.train()
+    method._freeze_front_mode()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    with bn_branch(model, "aux"), attack_bn_context(model, mode):
+        features = _features(model, "features.6", images)
+        method.advbn.attack(features, _rear_loss(model, "features.6", images, labels))
+        model(images)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    aux = model.net.features[8].aux
+    inputs = []
+    handle = aux.register_forward_hook(lambda m, i, o: inputs.append((m.training, i[0].detach())))
+    start = aux.running_mean.clone()
+    method.training_step(model, images, labels)
+    handle.remove()
+    assert [training for training, _ in inputs] == [mode == "train"] * 6 + [True]
+    final = inputs[-1][1]
+    expected = (1 - aux.momentum) * start + aux.momentum * final.mean(dim=(0, 2, 3))
+    assert torch.allclose(aux.running_mean, expected, atol=1e-6)
+
+
+def test_attack_bn_mode_option_and_its_default():
+    cfg = compose_config(["+method=advbn"])
+    assert cfg.method.attack_bn_mode == "eval"
+    assert compose_config(["+method=pgd_aux_bn"]).method.attack_bn_mode == "train"
+    with pytest.raises(ConfigError, match="method.attack_bn_mode='batch'"):
+        AdvBNTraining("features.6", attack_bn_mode="batch")
+    with pytest.raises(ConfigError, match="method.attack_bn_mode"):
+        PGDAuxBNTraining(attack_bn_mode="running")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_pgd_aux_bn_attack_bn_mode(mode):
+    """The baseline's PGD passes: eval mode restores the modules' modes and, like train mode, leaves
+    every buffer as it was; the attack still raises the loss."""
+    model = _classifier()
+    method = PGDAuxBNTraining(eps_linf=8 / 255, steps=3, attack_bn_mode=mode)
+    method.setup(model, CPU)
+    model.train()
+    images, labels = _batch()
+    seen = []
+    handle = model.net.features[1].aux.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with bn_branch(model, "aux"):
+        adversarial = method.adversarial_images(model, images, labels)
+    handle.remove()
+    assert seen and set(seen) == {mode == "train"}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.training and model.net.features[1].aux.training
+    assert (adversarial - images).abs().max() <= 8 / 255 + 1e-6
+
+
 # ---------------------------------------------------------------------------- PGD baseline
 def test_pgd_aux_bn_baseline_converts_every_bn_and_its_attack_raises_the_loss():
     model = _classifier()

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from robustexp.evaluation.calibration import figure_name, grid_calibration, write_reliability_diagram
+from robustexp.errors import ConfigError
 from robustexp.evaluation.metrics import (AccuracyMeter, ece_from_reliability, expected_calibration_error,
-                                          pool_reliability, reliability_bins, rms_calibration_error)
+                                          pool_reliability, reliability_bins, rms_calibration_error,
+                                          select_rms_binning)
 from robustexp.main import run
 from tests.conftest import compose_config
 
@@ -24,6 +26,65 @@ def test_rms_calibration_error_hand_case():
     # confidence 0.7 and 70 % right in every bin of 100 (ties keep their order): calibrated
     assert rms_calibration_error(torch.full((300,), 0.7), torch.tensor([1] * 7 + [0] * 3).repeat(30)) == \
         pytest.approx(0.0, abs=1e-4)
+
+
+def _hendrycks_calib_err(confidence, correct, beta=100):
+    """Hendrycks et al.'s ``calib_err(confidence, correct, p='2', beta=100)`` (calibration_tools.py
+    of outlier-exposure, the RMS calibration error of the AugMix line), transcribed as a reference."""
+    import numpy as np
+
+    idxs = np.argsort(confidence, kind="stable")
+    confidence, correct = confidence[idxs], correct[idxs]
+    bins = [[i * beta, (i + 1) * beta] for i in range(len(confidence) // beta)]
+    bins[-1] = [bins[-1][0], len(confidence)]
+    cerr, total_examples = 0.0, len(confidence)
+    for i in range(len(bins) - 1):
+        bin_confidence, bin_correct = confidence[bins[i][0]:bins[i][1]], correct[bins[i][0]:bins[i][1]]
+        if len(bin_confidence) > 0:
+            difference = np.abs(np.nanmean(bin_confidence) - np.nanmean(bin_correct))
+            cerr += len(bin_confidence) / total_examples * np.square(difference)
+    return float(np.sqrt(cerr))
+
+
+def test_rms_binnings_hand_case_where_the_dropped_top_bin_matters():
+    """250 examples, bins of 100: [0, 100) and [100, 250) (the remainder joins the last bin).
+    Low bin: confidence 0.5, 40 % right (gap 0.1); top bin: confidence 0.9, 60 % right (gap 0.3)."""
+    confidence = torch.tensor([0.5] * 100 + [0.9] * 150, dtype=torch.float64)
+    correct = torch.tensor([1] * 40 + [0] * 60 + [1] * 90 + [0] * 60)
+    order = torch.randperm(250, generator=torch.Generator().manual_seed(0))
+    confidence, correct = confidence[order], correct[order]
+    # paper (MAGN Sec. 4 / SPEC): every bin, weights |b| / n
+    assert rms_calibration_error(confidence, correct) == \
+        pytest.approx(100 * math.sqrt(100 / 250 * 0.1 ** 2 + 150 / 250 * 0.3 ** 2), rel=1e-9)   # 24.083 %
+    # hendrycks: the top bin (150 examples) is left out, the weight of the other still 100 / 250
+    assert rms_calibration_error(confidence, correct, binning="hendrycks") == \
+        pytest.approx(100 * math.sqrt(100 / 250 * 0.1 ** 2), rel=1e-9)                           # 6.325 %
+    # a model miscalibrated only on its most confident examples: 0 under hendrycks
+    calibrated_low = torch.tensor([1] * 50 + [0] * 50 + [1] * 90 + [0] * 60)[order]
+    assert rms_calibration_error(confidence, calibrated_low, binning="hendrycks") == pytest.approx(0.0, abs=1e-9)
+    assert rms_calibration_error(confidence, calibrated_low) == \
+        pytest.approx(100 * math.sqrt(150 / 250 * 0.3 ** 2), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [200, 250, 999, 1000, 2345])
+def test_hendrycks_binning_matches_their_calib_err(n):
+    g = torch.Generator().manual_seed(n)
+    confidence = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    correct = torch.rand(n, generator=g, dtype=torch.float64) < confidence ** 2
+    reference = 100 * _hendrycks_calib_err(confidence.numpy(), correct.numpy().astype(float))
+    assert rms_calibration_error(confidence, correct, binning="hendrycks") == pytest.approx(reference, rel=1e-9)
+    assert rms_calibration_error(confidence, correct) > rms_calibration_error(confidence, correct,
+                                                                              binning="hendrycks")
+
+
+def test_rms_binning_edge_cases_and_bad_names():
+    confidence, correct = torch.full((150,), 0.9, dtype=torch.float64), torch.zeros(150)
+    assert rms_calibration_error(confidence, correct) == pytest.approx(90.0)                   # one bin of 150
+    assert rms_calibration_error(confidence, correct, binning="hendrycks") == 0.0              # its only bin dropped
+    assert math.isnan(rms_calibration_error(confidence[:99], correct[:99], binning="hendrycks"))  # no full bin
+    assert rms_calibration_error(confidence[:99], correct[:99]) == pytest.approx(90.0)
+    with pytest.raises(ConfigError, match="rms_binning='augmix'"):
+        rms_calibration_error(confidence, correct, binning="augmix")
 
 
 def test_reliability_bins_hand_case_and_ece():
@@ -67,6 +128,64 @@ def test_accuracy_meter_reports_calibration_and_grid_summary():
     # pooled: 20 images, bins at 0.8 (acc 0.4) and 0.9 (acc 0.9): ECE = 0.5 * 40 + 0.5 * 0
     assert summary["ece_pooled"] == pytest.approx(20.0, rel=1e-5)
     assert sorted(c for c in summary["reliability_pooled"]["count"] if c) == [10, 10]
+
+
+def test_meter_keeps_both_binnings_and_the_evaluators_option_selects_one():
+    confidence = [0.5] * 100 + [0.9] * 150
+    correct = [True] * 40 + [False] * 60 + [True] * 90 + [False] * 60
+    result = _meter_result(confidence, correct)
+    paper, hendrycks = 100 * math.sqrt(0.4 * 0.01 + 0.6 * 0.09), 100 * math.sqrt(0.4 * 0.01)
+    assert result["rms_binning"] == "paper" and result["rms_calibration_error"] == pytest.approx(paper, rel=1e-5)
+    assert result["rms_calibration_error_paper"] == pytest.approx(paper, rel=1e-5)
+    assert result["rms_calibration_error_hendrycks"] == pytest.approx(hendrycks, rel=1e-5)
+    select_rms_binning(result, "hendrycks")
+    assert result["rms_binning"] == "hendrycks" and result["rms_calibration_error"] == pytest.approx(hendrycks, 1e-5)
+    summary = grid_calibration({"fog": {"1": result}})
+    assert summary["rms_binning"] == "hendrycks" and summary["rms_calibration_error_mean"] == pytest.approx(hendrycks,
+                                                                                                           rel=1e-5)
+    assert summary["rms_calibration_error_mean_by_binning"]["paper"] == pytest.approx(paper, rel=1e-5)
+    meter = AccuracyMeter("hendrycks")
+    meter.update(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
+    assert meter.result()["rms_binning"] == "hendrycks"
+    with pytest.raises(ConfigError, match="rms_binning"):
+        AccuracyMeter("quantile")
+
+
+def test_rms_binning_option_reaches_clean_and_corruption_results(tmp_path):
+    """One switch, ``eval.evaluators.clean.rms_binning``, sets the binning of the clean and the
+    corruption evaluator; the results name it and hold the value of that binning."""
+    from robustexp.config import instantiate_component
+    from robustexp.data.base import DataSplits, TensorImageDataset
+    from robustexp.evaluation import CleanEvaluator, CorruptionEvaluator
+    from robustexp.evaluation.base import EvalContext
+    from robustexp.models.build import NormalizedClassifier
+    from tests.conftest import trained_like_cnn
+
+    cfg = compose_config(["eval.evaluators.clean.rms_binning=hendrycks", "eval.evaluators.corruptions.corruptions=[fog]",
+                          "eval.evaluators.corruptions.severities=[1]", "+eval.evaluators.clean.reliability_diagram=false",
+                          "+eval.evaluators.corruptions.reliability_diagram=false"])
+    assert cfg.eval.evaluators.corruptions.rms_binning == "hendrycks"
+    assert compose_config([]).eval.evaluators.corruptions.rms_binning == "paper"
+    clean_eval, corruption_eval = (instantiate_component(cfg.eval.evaluators[k]) for k in ("clean", "corruptions"))
+    g = torch.Generator().manual_seed(0)
+    split = TensorImageDataset(torch.randint(0, 256, (300, 1, 28, 28), generator=g, dtype=torch.uint8),
+                               torch.randint(0, 10, (300,), generator=g))
+    data = DataSplits("toy", split, split, 10, (1, 28, 28), (0.5,), (0.25,))
+    model = NormalizedClassifier(trained_like_cnn(0), mean=[0.5], std=[0.25])
+    ctx = EvalContext(run_dir=tmp_path, device=torch.device("cpu"), seed=0, progress=False)
+    clean = clean_eval.evaluate(model, data, ctx)
+    corrupted = corruption_eval.evaluate(model, data, ctx)
+    for result in (clean, corrupted["grid"]["fog"]["1"]):
+        assert result["rms_binning"] == "hendrycks" and result["n"] == 300
+        assert result["rms_calibration_error"] == result["rms_calibration_error_hendrycks"]
+        assert result["rms_calibration_error_hendrycks"] != result["rms_calibration_error_paper"]
+    assert corrupted["calibration"]["rms_binning"] == "hendrycks"
+    assert clean_eval.headline(clean)["clean_rms_calibration_error"] == clean["rms_calibration_error_hendrycks"]
+    assert "hendrycks bins" in clean_eval.table(clean) and "hendrycks bins" in corruption_eval.table(corrupted)
+    with pytest.raises(ConfigError, match="eval.evaluators.clean.rms_binning"):
+        CleanEvaluator(rms_binning="top")
+    with pytest.raises(ConfigError, match="eval.evaluators.corruptions.rms_binning"):
+        CorruptionEvaluator(source=None, rms_binning="top")
 
 
 def test_reliability_diagram_png_and_names_that_never_collide(tmp_path):

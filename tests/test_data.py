@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robustexp.data.base import TensorImageDataset, stratified_split
+from robustexp.data.base import Augmentation, TensorImageDataset, parse_augment, stratified_split
 from robustexp.data.embedded import mnist5k
 from robustexp.data.ondisk import cifar10, cifar100, fashion_mnist, image_folder, mnist, read_idx
 from robustexp.errors import ConfigError, DatasetError
@@ -161,3 +161,197 @@ def test_image_folder_tree(tmp_path):
     assert image.shape == (3, 32, 32) and label == 1
     with pytest.raises(DatasetError, match="folder .*missing_split not found"):
         image_folder(str(tmp_path), test_dir="missing_split")
+
+
+# ----------------------------------------------------------------------------- composable augmentation
+# Tsiligkaridis & Tsiligkaridis 2022, Sec. 4: random crop, horizontal flip, color jitter (0.25),
+# random rotation (2 degrees); see robustexp.data.base.Augmentation.
+MAGN_AUGMENT = ["crop", "flip", "color_jitter", "rotate"]
+
+
+def _images(channels, size, seed=0, high=256):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (6, channels, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_presets_keep_working_and_lists_compose_in_order():
+    assert parse_augment("none") == () and parse_augment(None) == ()
+    assert parse_augment("crop_flip") == ("crop", "flip") and parse_augment("flip") == ("flip",)
+    assert parse_augment(MAGN_AUGMENT) == tuple(MAGN_AUGMENT) and parse_augment("rotate") == ("rotate",)
+    # the crop_flip preset draws exactly as before: randint(0, 9, (2,)) for the window, then rand() for the flip
+    images = _images(3, 32)
+    torch.manual_seed(3)
+    x, _ = TensorImageDataset(images, torch.arange(6), augment="crop_flip")[2]
+    torch.manual_seed(3)
+    padded = torch.nn.functional.pad(images[2].float() / 255, (4, 4, 4, 4))
+    top, left = torch.randint(0, 9, (2,)).tolist()
+    expected = padded[:, top:top + 32, left:left + 32]
+    expected = expected.flip(-1) if torch.rand(()) < 0.5 else expected
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_rotation_by_zero_and_jitter_zero_are_the_identity(channels, size):
+    images = _images(channels, size)
+    for options in ({"augment": ["rotate"], "rotation_degrees": 0},
+                    {"augment": ["color_jitter"], "color_jitter": 0.0},
+                    {"augment": ["color_jitter", "rotate"], "color_jitter": {"brightness": 0, "hue": 0},
+                     "rotation_degrees": 0.0},
+                    {"augment": ["crop"], "crop_padding": 0}):
+        ds = TensorImageDataset(images, torch.arange(6), augment=Augmentation.from_config(**options))
+        for i in range(len(images)):
+            assert torch.equal(ds[i][0], images[i].float() / 255), options
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_flip_gives_the_exact_mirror_image_or_the_image(channels, size):
+    images = _images(channels, size)
+    ds = TensorImageDataset(images, torch.arange(6), augment=["flip"])
+    torch.manual_seed(0)
+    outcomes = []
+    for _ in range(20):
+        x, _ = ds[1]
+        original = images[1].float() / 255
+        assert torch.equal(x, original.flip(-1)) or torch.equal(x, original)
+        outcomes.append(torch.equal(x, original.flip(-1)))
+        assert torch.equal(x[..., 0], original[..., -1]) == outcomes[-1]   # a true mirror: first column = last
+    assert any(outcomes) and not all(outcomes)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_brightness_jitter_scales_the_image_by_a_factor_within_the_strength(channels):
+    b = 0.25
+    images = _images(channels, 16, high=128)   # <= 0.5: never clipped at 1 + b
+    ds = TensorImageDataset(images, torch.arange(6), augment=Augmentation.from_config(
+        ["color_jitter"], color_jitter={"brightness": b}))
+    torch.manual_seed(0)
+    factors = []
+    for i in range(30):
+        x, _ = ds[i % 6]
+        original = images[i % 6].float() / 255
+        mask = original > 0.05
+        ratio = x[mask] / original[mask]
+        assert torch.allclose(ratio, ratio.mean().expand_as(ratio), atol=1e-5)   # one factor for the whole image
+        factors.append(ratio.mean().item())
+    assert all(1 - b - 1e-6 <= f <= 1 + b + 1e-6 for f in factors)
+    assert min(factors) < 0.85 and max(factors) > 1.15                       # it does draw across the range
+    bright = TensorImageDataset(torch.full((1, channels, 8, 8), 250, dtype=torch.uint8), torch.zeros(1),
+                                augment=Augmentation.from_config(["color_jitter"], color_jitter={"brightness": 0.9}))
+    assert all(0 <= bright[0][0].min() and bright[0][0].max() <= 1 for _ in range(10))
+
+
+def test_rotation_is_torchvisions_rotation_by_an_angle_uniform_in_the_range():
+    from torchvision.transforms import functional as TF
+
+    images = _images(3, 32)
+    ds = TensorImageDataset(images, torch.arange(6), augment=Augmentation.from_config(["rotate"],
+                                                                                        rotation_degrees=30))
+    angles = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x, _ = ds[0]
+        torch.manual_seed(seed)
+        angles.append(float(torch.empty(1).uniform_(-30, 30)))
+        assert torch.equal(x, TF.rotate(images[0].float() / 255, angles[-1], fill=[0.0] * 3))
+        if abs(angles[-1]) > 5:   # nearest-neighbour sampling: a tiny angle may move no pixel of a 32 px image
+            assert not torch.equal(x, images[0].float() / 255)
+    assert max(angles) > 5 and min(angles) < -5
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 17)])
+def test_rotate_nearest_equals_torchvisions_rotate_pixel_for_pixel(channels, size):
+    from torchvision.transforms import functional as TF
+
+    from robustexp.data.base import rotate_nearest
+
+    g = torch.Generator().manual_seed(size)
+    image = torch.rand(channels, size, size, generator=g)
+    for angle in (0.0, 2.0, -2.0, 0.5, 45.0, -90.0, 90.0, 137.3, -1.7):
+        assert torch.equal(rotate_nearest(image, angle), TF.rotate(image, angle, fill=[0.0] * channels)), angle
+    # a quarter turn of a square image is exact: torch.rot90 (counter-clockwise)
+    assert torch.equal(rotate_nearest(image, 90.0), torch.rot90(image, 1, dims=(1, 2))) if size % 2 == 0 else True
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_the_magn_preprocessing_keeps_shape_and_range_and_is_seeded(channels, size):
+    images = _images(channels, size)
+    augmentation = Augmentation.from_config(MAGN_AUGMENT, crop_padding=4, color_jitter=0.25, rotation_degrees=2)
+    ds = TensorImageDataset(images, torch.arange(6), augment=augmentation)
+    torch.manual_seed(7)
+    first = [ds[i][0] for i in range(6)]
+    torch.manual_seed(7)
+    again = [ds[i][0] for i in range(6)]
+    torch.manual_seed(8)
+    other = [ds[i][0] for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert all(x.shape == (channels, size, size) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+               for x in first)
+
+
+def test_bad_augmentation_options_name_the_option():
+    images = _images(3, 8)
+    for augment in ("mixup", ["crop", "blur"], ["flip", "flip"], 3):
+        with pytest.raises(ConfigError, match="dataset.augment"):
+            TensorImageDataset(images, torch.arange(6), augment=augment)
+    with pytest.raises(ConfigError, match="dataset.augment includes rotate: set dataset.rotation_degrees"):
+        Augmentation.from_config(["rotate"])
+    with pytest.raises(ConfigError, match="dataset.augment includes color_jitter: set dataset.color_jitter"):
+        Augmentation.from_config(["crop", "color_jitter"])
+    with pytest.raises(ConfigError, match="dataset.color_jitter=0.25 is set but dataset.augment"):
+        Augmentation.from_config("crop_flip", color_jitter=0.25)
+    with pytest.raises(ConfigError, match="dataset.color_jitter: unknown key"):
+        Augmentation.from_config(["color_jitter"], color_jitter={"gamma": 0.1})
+    with pytest.raises(ConfigError, match="dataset.color_jitter"):
+        Augmentation.from_config(["color_jitter"], color_jitter=-0.1)
+    with pytest.raises(ConfigError, match="dataset.rotation_degrees"):
+        Augmentation.from_config(["rotate"], rotation_degrees=400)
+    with pytest.raises(ConfigError, match="dataset.crop_padding"):
+        Augmentation.from_config(["crop"], crop_padding=-1)
+
+
+def test_dataset_factories_take_the_composed_augmentation(tmp_path):
+    data = cifar10(str(_fake_cifar(tmp_path)), augment=MAGN_AUGMENT, color_jitter=0.25, rotation_degrees=2)
+    assert data.train.augment == tuple(MAGN_AUGMENT) and data.test.augment == ()
+    assert dict(data.train.augmentation.jitter) == {"brightness": 0.25, "contrast": 0.25, "saturation": 0.25,
+                                                    "hue": 0.0}
+    assert data.train.augmentation.rotation_degrees == 2.0
+    digits = mnist(str(_fake_mnist(tmp_path / "m")), augment=["crop", "rotate"], rotation_degrees=2)
+    assert digits.train.augment == ("crop", "rotate")
+    x, _ = digits.train[0]
+    assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(ConfigError, match="dataset.augment"):
+        cifar10(str(tmp_path), augment="autoaugment")
+
+
+def test_image_folder_training_transforms_follow_the_augment_list(tmp_path):
+    from torchvision import transforms
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = np.random.default_rng(i).integers(0, 256, (40, 50, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+
+    def kinds(**options):
+        data = image_folder(str(tmp_path), train_dir="train", test_dir="val", image_size=32, resize=36, **options)
+        return data, [type(t) for t in data.train.transform.transforms]
+
+    _, default = kinds()
+    assert default == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.ToTensor]
+    # "flip" flips (it used to fall back to no augmentation at all); images are sized as the test split's
+    _, flip = kinds(augment="flip")
+    assert flip == [transforms.Resize, transforms.CenterCrop, transforms.RandomHorizontalFlip, transforms.ToTensor]
+    data, magn = kinds(augment=MAGN_AUGMENT, color_jitter=0.25, rotation_degrees=2)
+    assert magn == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.ColorJitter,
+                    transforms.RandomRotation, transforms.ToTensor]
+    jitter, rotation = data.train.transform.transforms[2:4]
+    assert jitter.brightness == (0.75, 1.25) and jitter.saturation == (0.75, 1.25) and jitter.hue is None
+    assert rotation.degrees == [-2.0, 2.0]
+    torch.manual_seed(0)
+    a = data.train[0][0]
+    torch.manual_seed(0)
+    assert torch.equal(a, data.train[0][0]) and a.shape == (3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    with pytest.raises(ConfigError, match="dataset.augment includes rotate"):
+        image_folder(str(tmp_path), test_dir="val", augment=["rotate"])

@@ -122,3 +122,46 @@ def test_bad_options_name_the_option():
         MAGNTraining(lambda_noise=-1)
     with pytest.raises(ConfigError, match="method.operations"):
         MAGNTraining(lambda_jsd=12, operations=["fog"])
+
+
+# ---------------------------------------------------------------------------- the Table 1 recipes
+# The rows of the paper's Table 1 (CIFAR-10-C, Sec. 4): M = 18 corruptions, "The 'gaussian noise'
+# corruption is excluded from our evaluations".
+TABLE1_CORRUPTIONS = {"brightness", "contrast", "defocus_blur", "elastic_transform", "fog", "frost", "gaussian_blur",
+                      "glass_blur", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "saturate",
+                      "shot_noise", "snow", "spatter", "speckle_noise", "zoom_blur"}
+
+
+@pytest.mark.parametrize("name", ["tsiligkaridis_table1", "tsiligkaridis_table1_small"])
+def test_tsiligkaridis_recipes_use_the_papers_18_corruptions_and_preprocessing(name):
+    from robustexp.data.base import Augmentation
+    from robustexp.data.corruptions.names import resolve_corruptions
+    from tests.conftest import compose_config
+
+    overrides = [f"+experiment={name}"]
+    if not name.endswith("_small"):
+        overrides += ["dataset.root=/data/x", "dataset.corrupted.root=/data/x-c"]
+    cfg = compose_config(overrides, toy=False)
+    names = resolve_corruptions(cfg.eval.evaluators.corruptions.corruptions)
+    assert len(names) == 18 and set(names) == TABLE1_CORRUPTIONS and "gaussian_noise" not in names
+    d = cfg.dataset
+    augmentation = Augmentation.from_config(list(d.augment), d.crop_padding, d.color_jitter, d.rotation_degrees)
+    # Sec. 4, Training Details: random crop, horizontal flip (not for digits: the small recipe says why),
+    # color jitter 0.25, rotation 2 degrees
+    expected = ("crop", "color_jitter", "rotate") if name.endswith("_small") else ("crop", "flip", "color_jitter",
+                                                                                   "rotate")
+    assert augmentation.ops == expected
+    assert dict(augmentation.jitter)["brightness"] == 0.25 and augmentation.rotation_degrees == 2.0
+    assert augmentation.crop_padding == 4
+
+
+def test_the_small_recipe_builds_its_augmented_digits():
+    from robustexp.config import instantiate_component
+    from tests.conftest import compose_config
+
+    data = instantiate_component(compose_config(["+experiment=tsiligkaridis_table1_small"], toy=False).dataset)
+    assert data.train.augment == ("crop", "color_jitter", "rotate") and data.test.augment == ()
+    torch.manual_seed(0)
+    x, _ = data.train[0]
+    assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert not torch.equal(x, data.train.images[0].float() / 255)

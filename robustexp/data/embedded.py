@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustexp.data.base import DataSplits, TensorImageDataset, stratified_split
+from robustexp.data.base import Augmentation, DataSplits, TensorImageDataset, stratified_split
 from robustexp.errors import DatasetError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -33,17 +33,20 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def mnist5k(n_train: int = 4000, n_test: int = 1000, split_seed: int = 0, augment: str = "none") -> DataSplits:
+def mnist5k(n_train: int = 4000, n_test: int = 1000, split_seed: int = 0, augment="none", crop_padding: int = 4,
+            color_jitter=None, rotation_degrees: float | None = None) -> DataSplits:
     """Stratified, seeded split of the embedded digits (default 4,000 train / 1,000 test).
 
     ``split_seed`` is separate from the run seed, so runs with different seeds are evaluated
-    on the same test digits.
+    on the same test digits. ``augment`` (a preset or a list of operations) and its options:
+    :class:`~robustexp.data.base.Augmentation`, on the training split only.
     """
+    augmentation = Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees)
     images, labels = load_mnist5k()
     train_idx, test_idx = stratified_split(labels, n_train, n_test, split_seed)
     return DataSplits(
         name="mnist5k",
-        train=TensorImageDataset(images[train_idx], labels[train_idx], augment=augment),
+        train=TensorImageDataset(images[train_idx], labels[train_idx], augment=augmentation),
         test=TensorImageDataset(images[test_idx], labels[test_idx]),
         num_classes=10,
         input_shape=(1, 28, 28),

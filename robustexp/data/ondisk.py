@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustexp.data.base import DataSplits, TensorImageDataset
+from robustexp.data.base import Augmentation, DataSplits, TensorImageDataset
 from robustexp.data.embedded import MNIST_MEAN, MNIST_STD
 from robustexp.errors import DatasetError
 
@@ -59,7 +59,8 @@ def _find_idx(root: Path, folder_name: str, stem: str) -> Path | None:
     return None
 
 
-def _idx_dataset(root: str | None, folder_name: str, name: str, mean, std, option: str) -> DataSplits:
+def _idx_dataset(root: str | None, folder_name: str, name: str, mean, std, option: str,
+                 augmentation: Augmentation | None = None) -> DataSplits:
     layout = (f"<root>/{folder_name}/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] "
               "(torchvision's layout; <root>/raw/ or the files directly in <root> also work)")
     path = _require_root(root, option, layout)
@@ -75,17 +76,24 @@ def _idx_dataset(root: str | None, folder_name: str, name: str, mean, std, optio
                                f"got {images.shape} and {labels.shape}")
         splits[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     height, width = splits["train"][0].shape[-2:]
-    return DataSplits(name=name, train=TensorImageDataset(*splits["train"]),
+    return DataSplits(name=name, train=TensorImageDataset(*splits["train"], augment=augmentation or "none"),
                       test=TensorImageDataset(*splits["test"]), num_classes=10,
                       input_shape=(1, int(height), int(width)), mean=mean, std=std)
 
 
-def mnist(root: str | None) -> DataSplits:
-    return _idx_dataset(root, "MNIST", "mnist", MNIST_MEAN, MNIST_STD, "dataset.root")
+def mnist(root: str | None, augment="none", crop_padding: int = 4, color_jitter=None,
+          rotation_degrees: float | None = None) -> DataSplits:
+    """MNIST idx files; ``augment`` and its options as in :class:`~robustexp.data.base.Augmentation`."""
+    augmentation = Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees)
+    return _idx_dataset(root, "MNIST", "mnist", MNIST_MEAN, MNIST_STD, "dataset.root", augmentation)
 
 
-def fashion_mnist(root: str | None) -> DataSplits:
-    return _idx_dataset(root, "FashionMNIST", "fashion_mnist", FASHION_MEAN, FASHION_STD, "dataset.root")
+def fashion_mnist(root: str | None, augment="none", crop_padding: int = 4, color_jitter=None,
+                  rotation_degrees: float | None = None) -> DataSplits:
+    """Fashion-MNIST idx files; ``augment`` and its options as for :func:`mnist`."""
+    augmentation = Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees)
+    return _idx_dataset(root, "FashionMNIST", "fashion_mnist", FASHION_MEAN, FASHION_STD, "dataset.root",
+                        augmentation)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -119,7 +127,7 @@ def _load_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     return data.reshape(-1, 3, 32, 32), np.asarray(entry[label_key], dtype=np.int64)
 
 
-def _cifar(root: str | None, num_classes: int, augment: str) -> DataSplits:
+def _cifar(root: str | None, num_classes: int, augmentation: Augmentation) -> DataSplits:
     if num_classes == 10:
         folder, train_files, test_files, label_key = (
             "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels")
@@ -140,36 +148,43 @@ def _cifar(root: str | None, num_classes: int, augment: str) -> DataSplits:
         images = torch.from_numpy(np.concatenate([a[0] for a in arrays]))
         labels = torch.from_numpy(np.concatenate([a[1] for a in arrays]))
         splits[split] = (images, labels)
-    return DataSplits(name=f"cifar{num_classes}", train=TensorImageDataset(*splits["train"], augment=augment),
+    return DataSplits(name=f"cifar{num_classes}", train=TensorImageDataset(*splits["train"], augment=augmentation),
                       test=TensorImageDataset(*splits["test"]), num_classes=num_classes,
                       input_shape=(3, 32, 32), mean=mean, std=std)
 
 
-def cifar10(root: str | None, augment: str = "crop_flip") -> DataSplits:
-    return _cifar(root, 10, augment)
+def cifar10(root: str | None, augment="crop_flip", crop_padding: int = 4, color_jitter=None,
+            rotation_degrees: float | None = None) -> DataSplits:
+    """CIFAR-10 python batches; ``augment`` (a preset or a list of operations) and its options as in
+    :class:`~robustexp.data.base.Augmentation`, applied to the training split only."""
+    return _cifar(root, 10, Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees))
 
 
-def cifar100(root: str | None, augment: str = "crop_flip") -> DataSplits:
-    return _cifar(root, 100, augment)
+def cifar100(root: str | None, augment="crop_flip", crop_padding: int = 4, color_jitter=None,
+             rotation_degrees: float | None = None) -> DataSplits:
+    """CIFAR-100 python batches; ``augment`` and its options as for :func:`cifar10`."""
+    return _cifar(root, 100, Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees))
 
 
 # ----------------------------------------------------------------------------- ImageFolder
 
 def image_folder(root: str | None, train_dir: str = "train", test_dir: str = "val", image_size: int = 224,
-                 resize: int | None = 256, augment: str = "crop_flip", name: str = "imagefolder",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataSplits:
+                 resize: int | None = 256, augment="crop_flip", name: str = "imagefolder",
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_padding: int = 4, color_jitter=None,
+                 rotation_degrees: float | None = None) -> DataSplits:
     """ImageNet-style ``<root>/<split>/<class>/<image>`` trees. Test images are resized to
     ``resize`` then center-cropped to ``image_size`` (``resize: null`` for sets already at
-    ``image_size``, such as ImageNet-C); training uses a random resized crop and a flip."""
+    ``image_size``, such as ImageNet-C); training applies ``augment`` with torchvision transforms
+    (:meth:`~robustexp.data.base.Augmentation.pil_transforms`: ``crop`` is a random resized crop,
+    ``crop_padding`` does not apply; without ``crop`` the training images are sized as the test ones)."""
     from torchvision import datasets, transforms
 
+    augmentation = Augmentation.from_config(augment, crop_padding, color_jitter, rotation_degrees)
     layout = f"<root>/{{{train_dir},{test_dir}}}/<class>/<image>"
     path = _require_root(root, "dataset.root", layout)
     test_tf = [transforms.Resize(resize)] if resize else []
     test_tf += [transforms.CenterCrop(image_size), transforms.ToTensor()]
-    train_tf = ([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-                if augment == "crop_flip" else list(test_tf[:-1]))
-    train_tf.append(transforms.ToTensor())
+    train_tf = augmentation.pil_transforms(image_size, resize) + [transforms.ToTensor()]
     folders = {}
     for split, sub, tf in (("train", train_dir, train_tf), ("test", test_dir, test_tf)):
         if not (path / sub).is_dir():

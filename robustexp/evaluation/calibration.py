@@ -2,9 +2,12 @@
 reliability-diagram PNG.
 
 Conventions (SPEC, "Metrics"): the RMS calibration error sorts the examples of one subset by
-confidence and cuts them into bins of 100 (Hendrycks et al.; the MAGN paper's Table 3 metric);
-the ECE uses 15 equal-width confidence bins (Guo et al. 2017). Both are in percent. Over a
-corruption benchmark two aggregates are reported:
+confidence and cuts them into bins of 100 (Hendrycks et al.; the MAGN paper's Table 3 metric,
+Sec. 4), summed over all bins (``rms_binning: paper``, the default) or, as Hendrycks et al.'s
+``calib_err`` code does, without the highest-confidence bin (``rms_binning: hendrycks``; see
+:func:`robustexp.evaluation.metrics.rms_calibration_error`); the ECE uses 15 equal-width
+confidence bins (Guo et al. 2017). Both are in percent. Over a corruption benchmark two
+aggregates are reported:
 
 * the mean over the corruption x severity subsets of each subset's RMS error and ECE (the
   calibration counterpart of mCA, and what "corrupt RMS calibration error" means in the MAGN
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from robustexp.evaluation.metrics import ece_from_reliability, pool_reliability
+from robustexp.evaluation.metrics import RMS_BINNINGS, ece_from_reliability, pool_reliability
 
 
 def grid_calibration(grid: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -27,8 +30,15 @@ def grid_calibration(grid: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dic
     if not cells:
         return {}
     pooled = pool_reliability([r["reliability"] for r in cells])
+    binnings = sorted({r.get("rms_binning", "paper") for r in cells})
+    if len(binnings) != 1:
+        raise ValueError(f"the subsets of one corruption grid use different RMS binnings {binnings}")
+    by_binning = {b: sum(r[f"rms_calibration_error_{b}"] for r in cells) / len(cells) for b in RMS_BINNINGS
+                  if all(f"rms_calibration_error_{b}" in r for r in cells)}
     return {
+        "rms_binning": binnings[0],
         "rms_calibration_error_mean": sum(r["rms_calibration_error"] for r in cells) / len(cells),
+        "rms_calibration_error_mean_by_binning": by_binning,
         "ece_mean": sum(r["ece"] for r in cells) / len(cells),
         "ece_pooled": ece_from_reliability(pooled),
         "per_corruption_rms": {c: sum(r["rms_calibration_error"] for r in by_s.values()) / len(by_s)

@@ -5,23 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
+from robustexp.evaluation.metrics import check_rms_binning, select_rms_binning
 from robustexp.evaluation.report import format_table
 
 
 class CleanEvaluator(Evaluator):
     """Top-1 / top-5, loss, RMS calibration error and ECE on the test split; with
     ``reliability_diagram`` also ``reliability_clean.png`` in the run directory (one file per
-    evaluation mode and adaptation variant, see :func:`robustexp.evaluation.calibration.figure_name`)."""
+    evaluation mode and adaptation variant, see :func:`robustexp.evaluation.calibration.figure_name`).
 
-    def __init__(self, batch_size: int = 500, max_images: int | None = None, reliability_diagram: bool = True):
+    ``rms_binning`` (``paper`` | ``hendrycks``, see
+    :func:`robustexp.evaluation.metrics.rms_calibration_error`) chooses the binning behind
+    ``rms_calibration_error``; the result names it and keeps both values."""
+
+    def __init__(self, batch_size: int = 500, max_images: int | None = None, reliability_diagram: bool = True,
+                 rms_binning: str = "paper"):
         self.batch_size = batch_size
         self.max_images = max_images
         self.reliability_diagram = reliability_diagram
+        self.rms_binning = check_rms_binning(rms_binning, "eval.evaluators.clean.rms_binning")
         self._figures: set[str] = set()
 
     def evaluate(self, model, data, ctx: EvalContext):
         result = evaluate_subset(model, lambda n: test_batches(data.test, n, ctx, self.max_images), ctx,
                                  self.batch_size)
+        select_rms_binning(result, self.rms_binning)
         if self.reliability_diagram and result["n"]:
             from robustexp.evaluation.calibration import figure_name, write_reliability_diagram
 
@@ -34,7 +42,8 @@ class CleanEvaluator(Evaluator):
         return result
 
     def table(self, results):
-        return format_table(["clean", "top-1 %", "top-5 %", "loss", "RMS cal. %", "ECE %", "images"],
+        binning = results.get("rms_binning", "paper")
+        return format_table(["clean", "top-1 %", "top-5 %", "loss", f"RMS cal. % ({binning} bins)", "ECE %", "images"],
                             [["test split", results["top1"], results["top5"], results["loss"],
                               results["rms_calibration_error"], results["ece"], results["n"]]])
 

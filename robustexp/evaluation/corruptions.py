@@ -13,8 +13,9 @@ from robustexp.data.corruptions.names import FAMILY_SEVERITIES, TEST_CORRUPTIONS
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
-from robustexp.evaluation.metrics import (ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, AccuracyMeter, corruption_errors,
-                                          corruption_summary, mean_corruption_error)
+from robustexp.evaluation.metrics import (ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, AccuracyMeter, check_rms_binning,
+                                          corruption_errors, corruption_summary, mean_corruption_error,
+                                          select_rms_binning)
 from robustexp.evaluation.report import format_table
 from robustexp.utils import read_json
 
@@ -57,12 +58,15 @@ class CorruptionEvaluator(Evaluator):
 
     Calibration (:func:`robustexp.evaluation.calibration.grid_calibration`): the RMS calibration
     error and ECE of every subset, their means over the subsets, the ECE of all corrupted images
-    pooled, and with ``reliability_diagram`` the pooled ``reliability_corrupted.png``.
+    pooled, and with ``reliability_diagram`` the pooled ``reliability_corrupted.png``. The RMS
+    error of each subset uses ``rms_binning`` (``paper`` | ``hendrycks``, see
+    :func:`robustexp.evaluation.metrics.rms_calibration_error`); the results name it.
     """
 
     def __init__(self, source: CorruptionSource, corruptions="common", severities=None, batch_size: int = 500,
                  max_images: int | None = None, ce_baseline: str | None = None, preview_images: int = 0,
-                 reliability_diagram: bool = True):
+                 reliability_diagram: bool = True, rms_binning: str = "paper"):
+        self.rms_binning = check_rms_binning(rms_binning, "eval.evaluators.corruptions.rms_binning")
         self.source = source
         self.corruptions, self.severities = _subsets(source, corruptions, severities)
         self.batch_size = batch_size
@@ -92,7 +96,7 @@ class CorruptionEvaluator(Evaluator):
                 result = evaluate_subset(
                     model, lambda n, c=name, s=severity: self.source.batches(data, c, s, n, ctx, self.max_images),
                     ctx, self.batch_size)
-                grid.setdefault(name, {})[str(severity)] = result
+                grid.setdefault(name, {})[str(severity)] = select_rms_binning(result, self.rms_binning)
                 ctx.log({f"corruption/{name}/s{severity}/top1": result["top1"]})
         finally:
             bar.close()
@@ -165,7 +169,8 @@ class CorruptionEvaluator(Evaluator):
                     f"(baseline {s['ce_baseline']})"
         cal = results.get("calibration")
         if cal:
-            text += (f"\nRMS calibration error {cal['rms_calibration_error_mean']:.2f}% and ECE {cal['ece_mean']:.2f}% "
+            text += (f"\nRMS calibration error {cal['rms_calibration_error_mean']:.2f}% "
+                     f"({cal.get('rms_binning', 'paper')} bins) and ECE {cal['ece_mean']:.2f}% "
                      f"(means over subsets)  |  ECE of all corrupted images {cal['ece_pooled']:.2f}%")
         return text + f"\n{results['source']}, {results['seconds']:.0f} s"
 
@@ -195,7 +200,8 @@ class MixedCorruptionEvaluator(Evaluator):
     the pooled set, and per subset."""
 
     def __init__(self, source: CorruptionSource, corruptions="common", severities=None, batch_size: int = 500,
-                 max_images: int | None = None, seed: int = 0):
+                 max_images: int | None = None, seed: int = 0, rms_binning: str = "paper"):
+        self.rms_binning = check_rms_binning(rms_binning, "eval.evaluators.mixed.rms_binning")
         self.source = source
         self.corruptions, self.severities = _subsets(source, corruptions, severities)
         self.batch_size, self.max_images, self.seed = batch_size, max_images, seed
@@ -226,7 +232,8 @@ class MixedCorruptionEvaluator(Evaluator):
         subset_of = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
         index_in = torch.cat([torch.arange(n) for n in sizes])
         order = torch.randperm(len(subset_of), generator=torch.Generator().manual_seed(self.seed))
-        overall, per_subset = AccuracyMeter(), [AccuracyMeter() for _ in subsets]
+        overall = AccuracyMeter(self.rms_binning)
+        per_subset = [AccuracyMeter(self.rms_binning) for _ in subsets]
         adaptation = ctx.adaptation
         batch_size = (getattr(adaptation, "batch_size", None) if adaptation is not None else None) or self.batch_size
 
@@ -267,7 +274,9 @@ class MixedCorruptionEvaluator(Evaluator):
 
     def table(self, results):
         r = results["overall"]
-        return format_table(["mixed corruptions", "top-1 %", "top-5 %", "RMS cal. %", "ECE %", "images"],
+        binning = r.get("rms_binning", "paper")
+        return format_table(["mixed corruptions", "top-1 %", "top-5 %", f"RMS cal. % ({binning} bins)", "ECE %",
+                             "images"],
                             [["all subsets shuffled", r["top1"], r["top5"], r["rms_calibration_error"], r["ece"],
                               r["n"]]]) + f"\n{results['source']}, {results['seconds']:.0f} s"
 

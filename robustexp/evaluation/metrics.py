@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from robustexp.data.corruptions.names import NOISE_CORRUPTIONS
+from robustexp.errors import ConfigError
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
@@ -29,22 +30,64 @@ ALEXNET_ERRORS = {
 ALEXNET_CLEAN_ERROR = 0.43478
 
 
-def rms_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bin_size: int = 100) -> float:
-    """RMS calibration error (Hendrycks et al.), in percent: sort by confidence, cut into
-    adjacent bins of ``bin_size`` examples (the last bin takes the remainder), and return
-    ``sqrt(sum_b |b|/n * (acc_b - conf_b)^2)``."""
+RMS_BINNINGS = ("paper", "hendrycks")
+
+
+def check_rms_binning(binning: str, option: str = "rms_binning") -> str:
+    if binning not in RMS_BINNINGS:
+        raise ConfigError(f"{option}={binning!r}; expected one of {RMS_BINNINGS} (paper: every bin of 100 examples "
+                          f"sorted by confidence, as the MAGN paper's Sec. 4 formula and the SPEC; hendrycks: the "
+                          f"same bins with the highest-confidence one left out, as Hendrycks et al.'s calib_err)")
+    return binning
+
+
+def rms_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bin_size: int = 100,
+                          binning: str = "paper") -> float:
+    """RMS calibration error, in percent: sort by confidence, cut into adjacent bins of
+    ``bin_size`` examples (the last bin takes the remainder; fewer than ``bin_size`` examples make
+    one bin), and return ``sqrt(sum_b |b|/n * (acc_b - conf_b)^2)`` with ``n`` all examples.
+
+    ``binning``:
+
+    * ``paper`` (default): the sum runs over all bins, as the formula of Tsiligkaridis &
+      Tsiligkaridis 2022 (Sec. 4, "Performance Metrics", ``E_c`` over ``i = 1..n_B``) and the SPEC;
+    * ``hendrycks``: the binning of ``calib_err(confidence, correct, p='2', beta=100)`` in Hendrycks
+      et al.'s ``calibration_tools.py`` (outlier-exposure; the code behind the RMS calibration error
+      of AugMix and its successors), whose loop ``for i in range(len(bins) - 1)`` leaves out the
+      last, highest-confidence bin (the one holding the remainder) while still weighting by the
+      full ``n``. With fewer than ``2 * bin_size`` examples that leaves no bin (0.0); with fewer
+      than ``bin_size`` their code fails (no bin at all), here the result is NaN.
+
+    Ties in confidence keep their input order (stable sort; NumPy's default quicksort in the
+    original need not)."""
+    check_rms_binning(binning)
     n = len(confidence)
-    if n == 0:
+    n_full_bins = n // bin_size
+    if n == 0 or (binning == "hendrycks" and n_full_bins == 0):
         return float("nan")
     order = torch.argsort(confidence.double(), stable=True)
     conf, corr = confidence.double()[order], correct.double()[order]
-    n_bins = max(n // bin_size, 1)
-    edges = [i * bin_size for i in range(n_bins)] + [n]
+    edges = [i * bin_size for i in range(max(n_full_bins, 1))] + [n]
+    bins = list(zip(edges[:-1], edges[1:]))
+    if binning == "hendrycks":
+        bins = bins[:-1]
     total = 0.0
-    for start, stop in zip(edges[:-1], edges[1:]):
+    for start, stop in bins:
         gap = corr[start:stop].mean() - conf[start:stop].mean()
         total += (stop - start) / n * float(gap) ** 2
     return 100.0 * total ** 0.5
+
+
+def select_rms_binning(result: dict, binning: str) -> dict:
+    """Make ``result["rms_calibration_error"]`` (a result of :class:`AccuracyMeter`, which holds
+    both ``rms_calibration_error_paper`` and ``rms_calibration_error_hendrycks``) the error of
+    ``binning`` and record the choice as ``result["rms_binning"]``; returns ``result``."""
+    check_rms_binning(binning)
+    key = f"rms_calibration_error_{binning}"
+    if key in result:
+        result["rms_calibration_error"] = result[key]
+        result["rms_binning"] = binning
+    return result
 
 
 RELIABILITY_BINS = 15
@@ -102,10 +145,13 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 class AccuracyMeter:
     """Accumulates top-1 / top-5 counts, the summed cross-entropy and the (confidence,
-    correct) pairs for calibration over batches. The result holds the RMS calibration error,
-    the ECE and the 15 reliability bins (count, mean confidence, accuracy per bin)."""
+    correct) pairs for calibration over batches. The result holds the RMS calibration error of
+    both binnings (``rms_calibration_error_paper`` / ``_hendrycks``) and, as
+    ``rms_calibration_error``, the one of ``rms_binning`` (named in the result), the ECE and the
+    15 reliability bins (count, mean confidence, accuracy per bin)."""
 
-    def __init__(self):
+    def __init__(self, rms_binning: str = "paper"):
+        self.rms_binning = check_rms_binning(rms_binning)
         self.n = 0
         self.correct = {1: 0, 5: 0}
         self.loss_sum = 0.0
@@ -126,8 +172,11 @@ class AccuracyMeter:
         n = max(self.n, 1)
         confidence = torch.cat(self.confidences) if self.confidences else torch.empty(0)
         correct = torch.cat(self.hits) if self.hits else torch.empty(0)
+        rms = {binning: rms_calibration_error(confidence, correct, binning=binning) for binning in RMS_BINNINGS}
         return {"top1": 100.0 * self.correct[1] / n, "top5": 100.0 * self.correct[5] / n,
-                "loss": self.loss_sum / n, "rms_calibration_error": rms_calibration_error(confidence, correct),
+                "loss": self.loss_sum / n, "rms_calibration_error": rms[self.rms_binning],
+                "rms_binning": self.rms_binning,
+                **{f"rms_calibration_error_{binning}": value for binning, value in rms.items()},
                 "ece": expected_calibration_error(confidence, correct), "n": self.n,
                 "reliability": reliability_bins(confidence, correct)}
 

@@ -22,10 +22,21 @@ signed). The split follows the order in which modules are registered (``named_mo
 is their execution order in ResNets, the small CNN and most timm models; the first training step
 checks it against the actual execution order and stops with an error if they differ.
 
-Running statistics of the auxiliary BNs are updated by the final adversarial pass only, not by
-the ``m`` attack passes (they are restored after the attack). During the attack the front part
-runs again in every pass (without autograd: its parameters are frozen); its output is replaced
-by the perturbed copy of the clean features.
+BatchNorm mode of the attack (``attack_bn_mode``). Neither eq. (2) nor Algorithm 1 says which
+statistics the BNs of ``g^{l+1,L}`` normalize with while the multipliers are optimized (Sec. 3's
+"PGD steps on batch statistics" are the feature statistics ``mu(f)``, ``sigma(f)`` of eq. 1,
+computed from the batch in either mode). The
+authors' code (``perturb`` in ``train_imagenet.py`` of github.com/azshue/AdvBN) calls
+``model.eval()`` for the ``m`` attack passes through the auxiliary ("adv") BNs and ``model.train()``
+(front BNs kept in eval) before the training passes: the attack sees the auxiliary BNs' running
+statistics, and the loss of eq. (3) / the ``theta`` update of Algorithm 1 is computed in train mode
+(batch statistics, running statistics updated). ``attack_bn_mode: eval`` (the default) does the
+same; ``train`` runs the attack passes with batch statistics instead. In both modes every buffer
+of the model (running statistics, batch counters) is restored after the attack, so the running
+statistics of the auxiliary BNs are updated by the final adversarial pass only, and those of the
+main BNs by the clean pass only. During the attack the front part runs again in every pass
+(without autograd: its parameters are frozen); its output is replaced by the perturbed copy of
+the clean features.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from robustexp.methods.base import TrainingMethod
 from robustexp.models.dual_bn import BRANCHES, bn_branch, convert_to_dual_bn, dual_bn_layers
 
 EVAL_BN = ("main", "aux", "both")
+ATTACK_BN_MODES = ("eval", "train")
 
 
 # ---------------------------------------------------------------------------- the layer
@@ -176,14 +188,53 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def frozen_running_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Restore the buffers (BN running statistics, batch counters) of ``modules`` on exit: forward
-    passes in train mode inside the block use batch statistics but leave no trace."""
+    passes in train mode inside the block use batch statistics but leave no trace. Only buffers
+    that changed are written back, so a buffer that an earlier eval-mode pass saved for backward
+    (running statistics of a BN in eval mode) keeps its autograd version."""
     saved = [(buffer, buffer.detach().clone()) for m in modules for buffer in m.buffers(recurse=False)]
     try:
         yield
     finally:
         with torch.no_grad():
             for buffer, value in saved:
-                buffer.copy_(value)
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def module_modes(model: nn.Module, training: bool) -> Iterator[None]:
+    """Every module of ``model`` in train (``training=True``) or eval mode inside the block; each
+    module's own mode is restored on exit (a frozen front stays in eval mode afterwards)."""
+    modules = list(model.modules())
+    saved = [m.training for m in modules]
+    for module in modules:
+        module.training = training
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, saved):
+            module.training = mode
+
+
+def check_attack_bn_mode(mode: str) -> str:
+    if mode not in ATTACK_BN_MODES:
+        raise ConfigError(f"method.attack_bn_mode={mode!r}; expected one of {ATTACK_BN_MODES} (eval: the attack "
+                          f"passes normalize with the BNs' running statistics, as the authors' code; train: with "
+                          f"the batch statistics)")
+    return mode
+
+
+@contextlib.contextmanager
+def attack_bn_context(model: nn.Module, mode: str) -> Iterator[None]:
+    """The forward passes of an attack inside the block: in ``eval`` mode every module is in eval
+    mode (BNs use their running statistics, as the authors' ``model.eval()`` before the attack), in
+    ``train`` mode the modules keep their modes (BNs in train mode use batch statistics). Either
+    way every buffer of ``model`` is restored on exit: the attack leaves no trace in the running
+    statistics."""
+    check_attack_bn_mode(mode)
+    modes = module_modes(model, training=False) if mode == "eval" else contextlib.nullcontext()
+    with modes, frozen_running_stats(model.modules()):
+        yield
 
 
 @contextlib.contextmanager
@@ -234,18 +285,22 @@ class AdvBNTraining(_AuxBNMethod):
         relu: apply a ReLU to the perturbed features (for post-ReLU outputs such as ResNet stages).
         channel_dim: the channel axis of the layer's output (1 for (N, C, H, W)).
         eval_bn: ``main``, ``aux`` or ``both`` (see :meth:`evaluation_modes`).
+        attack_bn_mode: ``eval`` (the BNs' running statistics during the ``m`` attack passes, as the
+            authors' code) or ``train`` (batch statistics); see the module doc.
     """
 
     def __init__(self, layer: str, steps: int = 6, step_size: float = 0.2, eps: float | None = None,
-                 relu: bool = True, channel_dim: int = 1, eval_bn: str = "main"):
+                 relu: bool = True, channel_dim: int = 1, eval_bn: str = "main", attack_bn_mode: str = "eval"):
         super().__init__(eval_bn)
+        self.attack_bn_mode = check_attack_bn_mode(attack_bn_mode)
         if not layer or str(layer) == "???":
             raise ConfigError("method.layer is required: the name of the module after which AdvBN acts "
                               "(e.g. layer1 for a ResNet, features.6 for the small CNN)")
         self.layer = str(layer)
         self.advbn = AdvBN(steps=steps, step_size=step_size, eps=eps, relu=relu, channel_dim=channel_dim)
         self.name = (f"AdvBN after {self.layer} (m={self.advbn.steps}, tau={self.advbn.step_size:g}, "
-                     f"eps={self.advbn.eps:g}), auxiliary BN; evaluated with {eval_bn} BN")
+                     f"eps={self.advbn.eps:g}, attack with BNs in {self.attack_bn_mode} mode), auxiliary BN; "
+                     f"evaluated with {eval_bn} BN")
         self._checked = False
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
@@ -324,9 +379,10 @@ class AdvBNTraining(_AuxBNMethod):
                 return model(images)
 
         with bn_branch(model, "aux"):
-            with frozen_running_stats(self.aux_layers(model)):
+            with attack_bn_context(model, self.attack_bn_mode):
                 delta_mu, delta_sigma = self.advbn.attack(
                     features, lambda f_adv: F.cross_entropy(run_with(f_adv), labels))
+            # eq. (3) / Algorithm 1's update: the adversarial path in the trainer's (train) mode
             logits_adv = run_with(self.advbn.perturb(features, delta_mu, delta_sigma))
         ce_clean, ce_adv = F.cross_entropy(logits_clean, labels), F.cross_entropy(logits_adv, labels)
         loss = ce_clean + ce_adv
@@ -342,11 +398,17 @@ class PGDAuxBNTraining(_AuxBNMethod):
     ``CE(g(x), y) + CE(g_aux(x_adv), y)``, every BN of the network converted. ``x_adv``: L-inf PGD
     (Madry et al.) of radius ``eps_linf`` from a random start, ``steps`` steps of ``step_size``
     (null: ``2.5 eps / steps``), computed through the auxiliary BNs (their running statistics are
-    updated by the training pass only). Pixels in [0, 1]; normalization is inside the model."""
+    updated by the training pass only). Pixels in [0, 1]; normalization is inside the model.
+
+    ``attack_bn_mode``: ``train`` (default, as before this option: the auxiliary BNs normalize the
+    attack passes with batch statistics; Sec. 5.1 does not say, and the authors released no code
+    for this baseline) or ``eval`` (running statistics, as their AdvBN attack); every buffer is
+    restored after the attack in both."""
 
     def __init__(self, eps_linf: float = 8 / 255, steps: int = 7, step_size: float | None = None,
-                 random_init: bool = True, eval_bn: str = "main"):
+                 random_init: bool = True, eval_bn: str = "main", attack_bn_mode: str = "train"):
         super().__init__(eval_bn)
+        self.attack_bn_mode = check_attack_bn_mode(attack_bn_mode)
         if eps_linf < 0 or steps < 0:
             raise ConfigError(f"method.eps_linf and method.steps must be >= 0, got {eps_linf}, {steps}")
         self.eps_linf, self.steps = float(eps_linf), int(steps)
@@ -363,8 +425,9 @@ class PGDAuxBNTraining(_AuxBNMethod):
             raise ConfigError(f"method pgd_aux_bn needs BatchNorm layers; {type(net).__name__} has none")
 
     def adversarial_images(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """L-inf PGD against the model on its auxiliary BNs (the caller switches the branch)."""
-        with frozen_running_stats(self.aux_layers(model)):
+        """L-inf PGD against the model on its auxiliary BNs (the caller switches the branch), with
+        the BNs in ``attack_bn_mode``."""
+        with attack_bn_context(model, self.attack_bn_mode):
             return pgd(lambda x, y: F.cross_entropy(model(x), y, reduction="none"), images, labels, norm="linf",
                        eps=self.eps_linf, step_size=self.step_size, steps=self.steps, random_init=self.random_init)
 
