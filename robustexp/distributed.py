@@ -111,6 +111,23 @@ def broadcast_module(module: nn.Module, buffers_only: bool = False) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics and counters) to every rank with one flat
+    broadcast per dtype: cheap enough to call every step (``broadcast_module`` makes one call per
+    tensor)."""
+    if not active():
+        return
+    buffers = list(module.buffers())
+    for dtype in dict.fromkeys(b.dtype for b in buffers):  # first-seen order: the same on every rank
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in group:
+            b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def average_gradients(parameters) -> None:
     """Average ``.grad`` over ranks with one flat all-reduce per dtype.
 
@@ -122,7 +139,7 @@ def average_gradients(parameters) -> None:
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     world_size = dist.get_world_size()
-    for dtype in {g.dtype for g in grads}:
+    for dtype in dict.fromkeys(g.dtype for g in grads):  # first-seen order: the same on every rank
         group = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)

@@ -88,7 +88,9 @@ def test_unbreakable_and_already_broken_images():
 def test_eps_star_evaluator_on_the_embedded_data(tmp_path):
     cfg = compose_config(["eval=eps_star", "eval.evaluators.eps_star.max_images=40",
                           "eval.evaluators.eps_star.grid_points=10", "eval.evaluators.eps_star.bisection_steps=4",
-                          "eval.evaluators.eps_star.adversarial_steps=60"])
+                          "eval.evaluators.eps_star.adversarial_steps=30",
+                          "eval.evaluators.eps_star.adversarial_eps_l2=null",   # the size rule tested below
+                          "eval.evaluators.eps_star.adversarial_generators=2"])
     metrics = run(cfg, tmp_path)
     directions = metrics["eps_star"]["directions"]
     assert set(directions) == {"gaussian", "uniform", "adversarial"} and directions["gaussian"]["n"] == 40
@@ -97,7 +99,8 @@ def test_eps_star_evaluator_on_the_embedded_data(tmp_path):
     # Gaussian eps* (the median over images, including those broken without noise)
     size = metrics["eps_star"]["adversarial_generator_eps_l2"]
     assert directions["gaussian"]["eps_star"] <= size <= directions["gaussian"]["mean_finite"] * 3
-    assert "eps_star_adversarial" in metrics["summary"]
+    assert "eps_star_adversarial" in metrics["summary"] and "eps_star_adversarial_std" in metrics["summary"]
+    assert len(directions["adversarial"]["eps_star_per_generator"]) == 2
 
 
 def test_adversarial_generator_training_leaves_the_classifier_alone():
@@ -124,3 +127,109 @@ def test_adversarial_generator_training_leaves_the_classifier_alone():
         gaussian = sum(F.cross_entropy(model(rescale_to_l2(images, torch.randn_like(images), 2.0)), labels)
                        for _ in range(5)) / 5
     assert learned > gaussian
+
+
+def _toy_splits(n_train=64, n_test=20):
+    """Random dark images (pixels in [0, 200/255]), all of class 0 for :func:`_brightness_model`."""
+    from types import SimpleNamespace
+
+    from robustexp.data.base import TensorImageDataset
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 201, (n_train + n_test, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(n_train + n_test, dtype=torch.long)
+    return SimpleNamespace(train=TensorImageDataset(images[:n_train], labels[:n_train]),
+                           test=TensorImageDataset(images[n_train:], labels[n_train:]))
+
+
+def _brightness_model():
+    """Class 1 iff the pixel sum exceeds 330 (the toy images sum to ~306 +- 7): noise that brightens
+    breaks it, so a learned generator finds finite eps* that depend on its seed."""
+    return Linear2(torch.ones(28 * 28), torch.tensor(-330.0))
+
+
+def test_adversarial_eps_star_is_the_mean_and_std_over_generators_of_different_seeds(tmp_path):
+    """Rusak et al. Sec. 4 / Table 2: four noise generators with different random seeds, eps* along
+    each one's noise (eq. 4), reported as mean and standard deviation over the generators."""
+    import numpy as np
+
+    from robustexp.evaluation.base import EvalContext, evaluation_order
+    from robustexp.evaluation.eps_star import (
+        EpsStarEvaluator,
+        noise_direction,
+        train_adversarial_generator,
+    )
+    from robustexp.utils import derive_seed
+
+    model, data = _brightness_model(), _toy_splits()
+    ctx = EvalContext(run_dir=tmp_path, device=torch.device("cpu"), seed=0, progress=False)
+    options = {"directions": ["adversarial"], "adversarial_eps_l2": 2.0, "adversarial_steps": 4,
+               "adversarial_lr": 0.05, "grid_points": 5, "bisection_steps": 4, "batch_size": 10, "seed": 0}
+    evaluator = EpsStarEvaluator(adversarial_generators=3, **options)
+    results = evaluator.evaluate(model, data, ctx)
+    adversarial = results["directions"]["adversarial"]
+    per_generator = adversarial["eps_star_per_generator"]
+    assert adversarial["generators"] == 3 and len(set(per_generator)) == 3  # different seeds, different noise
+    assert all(0 < v < math.inf for v in per_generator)
+    assert adversarial["eps_star"] == pytest.approx(np.mean(per_generator))
+    assert adversarial["eps_star_std"] == pytest.approx(np.std(per_generator)) and adversarial["eps_star_std"] > 0
+    assert adversarial["n"] == 20 and results["adversarial_generator_eps_l2"] == 2.0
+    # generator k's eps* is eq. (4) along its own noise: recompute generator 1's by hand
+    generator = train_adversarial_generator(model, data.train, torch.device("cpu"), 2.0, 4, lr=0.05,
+                                            seed=derive_seed(0, "adversarial generator", 1))
+    order = evaluation_order(20)
+    images = torch.stack([data.test[i][0] for i in order.tolist()])
+    labels = torch.zeros(20, dtype=torch.long)
+    sizes = torch.cat([line_search(model, images[i:i + 10], labels[i:i + 10], noise_direction(
+        "adversarial", images[i:i + 10], torch.Generator().manual_seed(derive_seed(0, "adversarial", 1, i // 10)),
+        generator), 5, 4) for i in (0, 10)])
+    assert per_generator[1] == pytest.approx(float(np.median(sizes.numpy())))
+    # the first generator does not depend on how many are trained
+    single = EpsStarEvaluator(adversarial_generators=1, **options).evaluate(model, data, ctx)
+    assert single["directions"]["adversarial"]["eps_star_per_generator"] == [per_generator[0]]
+    assert single["directions"]["adversarial"]["eps_star_std"] == 0.0
+    headline = evaluator.headline(results)
+    assert headline["eps_star_adversarial"] == adversarial["eps_star"]
+    assert headline["eps_star_adversarial_std"] == adversarial["eps_star_std"]
+    assert "± " in evaluator.table(results) and "3 generators" in evaluator.table(results)
+
+
+def test_adversarial_generators_are_seeded_and_leave_the_global_rng_alone():
+    from robustexp.evaluation.eps_star import train_adversarial_generator
+
+    model, data = _brightness_model(), _toy_splits()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = train_adversarial_generator(model, data.train, torch.device("cpu"), 2.0, 3, batch_size=16, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # every rank of a multi-process run trains the same one
+    b = train_adversarial_generator(model, data.train, torch.device("cpu"), 2.0, 3, batch_size=16, seed=1)
+    c = train_adversarial_generator(model, data.train, torch.device("cpu"), 2.0, 3, batch_size=16, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_bad_eps_star_generator_options():
+    from robustexp.errors import ConfigError
+    from robustexp.evaluation.eps_star import EpsStarEvaluator
+
+    with pytest.raises(ConfigError, match="adversarial_generators=0; expected an integer >= 1"):
+        EpsStarEvaluator(adversarial_generators=0)
+    with pytest.raises(ConfigError, match="adversarial_eps_l2=-1"):
+        EpsStarEvaluator(adversarial_eps_l2=-1)
+
+
+def test_learned_noise_generators_are_trained_at_ant_radius_for_every_model():
+    """Rusak et al. Sec. 3.3: the evaluation generator is a new one trained as ANT trains its generators,
+    at ANT's sphere radius: the same size for every model of a comparison (Table 2), the digits' 9.5
+    by default, the paper's 135 in the ImageNet recipe; four of them (Sec. 4)."""
+    from robustexp.config import instantiate_component
+
+    paths = ["dataset.root=/data/x", "dataset.corrupted.root=/data/x-c"]
+    for method in ("standard", "gnt", "ant"):
+        for eval_name in ("default", "eps_star"):
+            node = compose_config([f"+method={method}", f"eval={eval_name}"], toy=False).eval.evaluators.eps_star
+            assert node.adversarial_eps_l2 == compose_config(["+method=ant"], toy=False).method.eps_l2 == 9.5
+            assert node.adversarial_generators == 4
+        node = compose_config(["+experiment=rusak_table3", f"+method={method}", *paths], toy=False).eval.evaluators
+        assert instantiate_component(node.eps_star).adversarial_eps_l2 == 135.0
+        assert node.eps_star.adversarial_generators == 4

@@ -9,6 +9,29 @@ buffer, saved every ``replay_every`` steps). Every ``restart_every`` steps the g
 replaced by a new one trained from scratch against the current classifier for ``restart_steps``
 steps (on the current batch, with fresh z every step), to keep it out of local optima.
 
+The classifier during a generator step (eq. 2 inside eq. 3): the generator maximizes the loss of the
+current classifier f_theta, a fixed function of each image, and must not change it; only the
+classifier's own step (on the mixed batch) updates the classifier. So generator steps run the
+classifier in eval mode: BatchNorm normalizes with its running statistics and neither updates them
+nor its batch counter, dropout is off, and gradients are taken with respect to the generator's
+parameters only (no ``.grad`` is left on the classifier). In train mode the generator would instead
+attack BN statistics of a batch that is all noise (a function that is neither the one evaluated nor
+the one trained, which normalizes away any shift or scale the noise adds to a channel), and every
+step, 100 per restart, would overwrite the running statistics with those of noise-only batches.
+
+Several processes (torchrun, DDP): there is one generator for the whole run, as in a single process
+with the global batch. Every rank initializes it from the same seed (rank 0's, broadcast at setup),
+generator gradients are averaged over ranks after every generator step (so every rank takes the same
+Adam step on the gradient of the global batch's loss), and the replayed state is chosen from a seed
+shared by all ranks. The generator, its optimizer and the replay buffer are therefore identical on
+all ranks; rank 0's copy is checkpointed, and a resumed run continues exactly. Only z (and the
+images) differ between ranks, as they differ between the images of one batch. The classifier the
+generator attacks is the same on all ranks too: its parameters are, and before every generator step
+rank 0's BN running statistics are copied to the other ranks (the statistics the run keeps: the
+trainer broadcasts rank 0's after every epoch, and checkpoints rank 0's; other ranks' own statistics
+are used for nothing else, as their classifier steps normalize with batch statistics). This also
+makes a run resumed from a mid-epoch checkpoint (rank 0's statistics on every rank) continue exactly.
+
 ANT+SIN (Sec. 3.2, last paragraph): with ``mix_root`` (an ImageFolder tree with the dataset's class
 folders, such as Stylized-ImageNet) and ``mix_fraction``, that share of every batch is replaced by
 random images of the second source (resized to the batch's size, gray if the data is), which are
@@ -17,17 +40,34 @@ not perturbed; the paper's split is 25 % clean, 30 % stylized, 45 % generator no
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import random
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustexp import distributed
 from robustexp.errors import ConfigError
 from robustexp.methods.base import TrainingMethod
 from robustexp.perturbations import rescale_to_l2
+from robustexp.utils import derive_seed
+
+
+@contextlib.contextmanager
+def classifier_frozen(model: nn.Module):
+    """``model`` as a fixed function while a generator trains against it (Rusak et al. Sec. 3.2,
+    eq. 2: the generator maximizes the loss of the current classifier): every module in eval mode
+    (BatchNorm uses and keeps its running statistics and ``num_batches_tracked``; dropout is off),
+    each module's own train/eval flag restored on exit (a module frozen in eval mode stays so)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class NoiseGenerator(nn.Module):
@@ -39,7 +79,8 @@ class NoiseGenerator(nn.Module):
     (H + 2, W + 2); the residual is the centre of z.
     """
 
-    def __init__(self, channels: int, hidden: int = 20, kernel: str = "1x1", init_std: float = 0.01):
+    def __init__(self, channels: int, hidden: int = 20, kernel: str = "1x1", init_std: float = 0.01,
+                 seed: int | None = None):
         super().__init__()
         if kernel not in ("1x1", "3x3"):
             raise ConfigError(f"method.kernel={kernel!r}; expected '1x1' or '3x3'")
@@ -48,8 +89,9 @@ class NoiseGenerator(nn.Module):
         self.conv2 = nn.Conv2d(hidden, hidden, 3 if kernel == "3x3" else 1)
         self.conv3 = nn.Conv2d(hidden, hidden, 1)
         self.conv4 = nn.Conv2d(hidden, channels, 1)
+        rng = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            nn.init.normal_(conv.weight, 0.0, init_std)
+            nn.init.normal_(conv.weight, 0.0, init_std, generator=rng)
             nn.init.zeros_(conv.bias)
 
     @property
@@ -98,24 +140,32 @@ class AdversarialNoiseTraining(TrainingMethod):
 
     # ------------------------------------------------------------------ state
     def setup(self, model: nn.Module, device: torch.device) -> None:
+        """Called on every rank; the seed of generator initializations and replay choices is rank
+        0's (the run seed), the same on all ranks."""
         self.device = device
         self.channels = None  # known at the first batch
         self.replay: deque = deque(maxlen=self.replay_size)
         self.steps = 0
+        self.seed = int(distributed.broadcast_object(torch.initial_seed() & 0x7FFFFFFF))
 
-    def _new_generator(self, channels: int) -> None:
-        self.generator = NoiseGenerator(channels, kernel=self.kernel).to(self.device)
+    def _new_generator(self, channels: int, seed: int | None = None) -> None:
+        """A new generator, initialized from ``seed`` (default: from the run's seed and the step,
+        the same on every rank)."""
+        seed = derive_seed(self.seed, "generator", self.steps) if seed is None else seed
+        self.generator = NoiseGenerator(channels, kernel=self.kernel, seed=seed).to(self.device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.generator_lr)
         self._spare = copy.deepcopy(self.generator)  # loads replayed states (no disk)
 
     def state_dict(self):
         if self.generator is None:
-            return {"steps": self.steps}
-        return {"steps": self.steps, "channels": self.generator.channels, "generator": self.generator.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "replay": list(self.replay)}
+            return {"steps": self.steps, "seed": self.seed}
+        return {"steps": self.steps, "seed": self.seed, "channels": self.generator.channels,
+                "generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "replay": list(self.replay)}
 
     def load_state_dict(self, state):
         self.steps = int(state.get("steps", 0))
+        self.seed = int(state.get("seed", self.seed))
         if "generator" in state:
             self._new_generator(int(state["channels"]))
             self.generator.load_state_dict(state["generator"])
@@ -129,16 +179,25 @@ class AdversarialNoiseTraining(TrainingMethod):
         return rescale_to_l2(images, delta, self.eps_l2)
 
     def generator_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One Adam step of the generator maximizing the classifier's cross-entropy (eq. 2)."""
-        loss = F.cross_entropy(model(self.perturb(self.generator, images)), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        (-loss).backward()
+        """One Adam step of the generator maximizing the classifier's cross-entropy (eq. 2), with
+        the classifier frozen (:func:`classifier_frozen`; gradients of the generator only) and the
+        gradient averaged over ranks (one generator for the whole run)."""
+        parameters = list(self.generator.parameters())
+        distributed.broadcast_buffers(model)  # rank 0's running statistics on every rank (module doc)
+        with classifier_frozen(model):
+            loss = F.cross_entropy(model(self.perturb(self.generator, images)), labels)
+            gradients = torch.autograd.grad(-loss, parameters)
+        for parameter, gradient in zip(parameters, gradients):
+            parameter.grad = gradient
+        distributed.average_gradients(parameters)
         self.optimizer.step()
-        model.zero_grad(set_to_none=True)  # the classifier is not updated by this step
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def restart(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """A new generator, trained from scratch against the current classifier."""
+        """A new generator, trained from scratch against the current classifier (Sec. 3.2: "we halt
+        the ANT at regular intervals and train a new noise generator from scratch"); the
+        classifier, BN statistics included, is not changed by these steps."""
         self._new_generator(images.shape[1])
         for _ in range(self.restart_steps):
             self.generator_step(model, images, labels)
@@ -186,8 +245,9 @@ class AdversarialNoiseTraining(TrainingMethod):
         generator_loss = self.generator_step(model, images[noisy:], labels[noisy:])
         with torch.no_grad():
             current = self.perturb(self.generator, images[noisy:noisy + n_current])
-            if self.replay:
-                self._spare.load_state_dict(random.choice(self.replay))
+            if self.replay:  # a past state chosen at random (Sec. 3.2), the same one on every rank
+                choice = torch.Generator().manual_seed(derive_seed(self.seed, "replay", self.steps))
+                self._spare.load_state_dict(self.replay[int(torch.randint(len(self.replay), (), generator=choice))])
                 replayed = self.perturb(self._spare, images[noisy + n_current:])
             else:
                 replayed = self.perturb(self.generator, images[noisy + n_current:])
