@@ -13,9 +13,6 @@ conf/experiment/ without a table fails ("no pin table for X"), and so does a tab
 Keys starting with ``@`` are derived from the composed config (see ``DERIVED``): the total batch over the GPUs of
 a job, the corruption names a named set resolves to, and the settings of every adaptation variant the run
 instantiates (so a pin holds however a recipe lays out its variants and grids).
-
-Rows marked ``# key pending: ...`` use a best-guess key for an option that is being added; the lead adjusts
-the key when it lands.
 """
 
 from __future__ import annotations
@@ -323,9 +320,10 @@ PINS["rusak_table3"] = [
     Pin("eval.evaluators.eps_star.criterion", "misclassified", "Rusak et al. eq. (4): f(x + delta_min) != y"),
     Pin("eval.evaluators.eps_star.max_images", None, "Rusak et al. eq. (4): the median over the test set"),
     Pin("eval.evaluators.eps_star.adversarial_kernel", "1x1", "Rusak et al. Table 2: eps*_AN1x1"),
-    # key pending: number of eps* generators (helper A, `adversarial_generators`)
     Pin("eval.evaluators.eps_star.adversarial_generators", 4,
         "Rusak et al. Sec. 4: 'we train four noise generators with different random seeds' (mean +- std)"),
+    Pin("eval.evaluators.eps_star.adversarial_eps_l2", 135.0,
+        "Rusak et al. Sec. 3.3: 'a new noise generator' trained as in ANT (eq. 2), at ANT's ImageNet eps (SPEC: 135)"),
     Pin("@sweep:+method", ["standard", "gnt", "gnt_mult", "speckle", "ant", "ant3x3"],
         "Rusak et al. Table 3 rows: vanilla, GNT sigma 0.5, GNT mult, Speckle, ANT1x1, ANT3x3 (the +SIN rows need "
         "Stylized-ImageNet: +method=ant_sin)"),
@@ -404,7 +402,6 @@ PINS["schneider_fig1"] = [
         "Schneider et al. Sec. 4 (N in {2^0..2^10}) and Sec. 5 / Fig. 1 (N = 0: no prior)"),
     Pin("@prior.n", [2 ** k for k in range(10)],
         "ours: n = 1..512 in powers of two (Fig. 1's x axis; the text names n = 1, 8, 16-32)"),
-    # pending fix (helper B): Fig. 1 plots the AlexNet-normalized mCE on ImageNet-C (today: mean_uCE)
     Pin("adaptation.report.metric", "mCE", "Schneider et al. Fig. 1: mCE on IN-C"),
     Pin("adaptation.report.x", "batch_size", "Schneider et al. Fig. 1: mCE vs. number of samples n"),
     Pin("adaptation.report.series", "prior_strength", "Schneider et al. Fig. 1: one line per N"),
