@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-slow bench clean
+.PHONY: help install run test test-slow smoke bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ test: $(STAMP)  ## install what is missing, then run the default test suite (< 1
 
 test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x224 fidelity)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+smoke: $(STAMP)  ## every job of every full paper recipe on synthetic images (debug=smoke), a status table (~15 min quiet)
+	$(PY) scripts/smoke.py $(ARGS)
 
 bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine, certification, runner overhead (ARGS=--quick)
 	$(PY) scripts/bench_corruptions.py $(ARGS)
