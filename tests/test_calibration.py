@@ -220,3 +220,15 @@ def test_a_run_reports_clean_and_corrupted_calibration_per_evaluation_mode(tmp_p
              metrics["corruptions@single"]["calibration"]["reliability_png"]}
     assert len(names) == 4 and all((tmp_path / n).is_file() for n in names)
     assert sum(metrics["corruptions"]["calibration"]["reliability_pooled"]["count"]) == 4 * 100
+
+
+def test_a_binning_not_in_use_that_is_undefined_for_a_small_subset_is_left_out():
+    """Hendrycks' binning needs 100 examples: a 10-image subset evaluated with the paper's binning has
+    no NaN in its result (results of small subsets stay comparable), and selecting the undefined
+    binning gives NaN for the reported value."""
+    result = _meter_result([0.8] * 10, [True] * 4 + [False] * 6)
+    assert "rms_calibration_error_hendrycks" not in result
+    assert all(v == v for v in result.values() if isinstance(v, float))
+    assert result["rms_calibration_error"] == pytest.approx(40.0, rel=1e-5)
+    select_rms_binning(result, "hendrycks")
+    assert math.isnan(result["rms_calibration_error"]) and result["rms_binning"] == "hendrycks"

@@ -83,9 +83,8 @@ def select_rms_binning(result: dict, binning: str) -> dict:
     both ``rms_calibration_error_paper`` and ``rms_calibration_error_hendrycks``) the error of
     ``binning`` and record the choice as ``result["rms_binning"]``; returns ``result``."""
     check_rms_binning(binning)
-    key = f"rms_calibration_error_{binning}"
-    if key in result:
-        result["rms_calibration_error"] = result[key]
+    if "rms_calibration_error" in result:  # an AccuracyMeter result; a binning undefined for it is absent: NaN
+        result["rms_calibration_error"] = result.get(f"rms_calibration_error_{binning}", float("nan"))
         result["rms_binning"] = binning
     return result
 
@@ -146,7 +145,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 class AccuracyMeter:
     """Accumulates top-1 / top-5 counts, the summed cross-entropy and the (confidence,
     correct) pairs for calibration over batches. The result holds the RMS calibration error of
-    both binnings (``rms_calibration_error_paper`` / ``_hendrycks``) and, as
+    both binnings (``rms_calibration_error_paper`` / ``_hendrycks``; the one not in use only where it is
+    defined) and, as
     ``rms_calibration_error``, the one of ``rms_binning`` (named in the result), the ECE and the
     15 reliability bins (count, mean confidence, accuracy per bin)."""
 
@@ -173,10 +173,13 @@ class AccuracyMeter:
         confidence = torch.cat(self.confidences) if self.confidences else torch.empty(0)
         correct = torch.cat(self.hits) if self.hits else torch.empty(0)
         rms = {binning: rms_calibration_error(confidence, correct, binning=binning) for binning in RMS_BINNINGS}
+        # the binnings not in use are kept where they are defined (Hendrycks' needs 100 examples): no NaN
+        # enters the results of a subset that merely is small
+        others = {f"rms_calibration_error_{b}": v for b, v in rms.items() if b == self.rms_binning or v == v}
         return {"top1": 100.0 * self.correct[1] / n, "top5": 100.0 * self.correct[5] / n,
                 "loss": self.loss_sum / n, "rms_calibration_error": rms[self.rms_binning],
                 "rms_binning": self.rms_binning,
-                **{f"rms_calibration_error_{binning}": value for binning, value in rms.items()},
+                **others,
                 "ece": expected_calibration_error(confidence, correct), "n": self.n,
                 "reliability": reliability_bins(confidence, correct)}
 
