@@ -158,6 +158,8 @@ class Trainer:
         """``epoch`` complete epochs, plus ``partial`` progress into the next one (a mid-epoch
         checkpoint on a preemption signal). Only rank 0 writes; it stores every rank's RNG states."""
         rng_ranks = distributed.all_gather_objects(_rng_state())
+        if partial is not None:  # every rank's running sums of the interrupted epoch (each logs its own share)
+            partial = {**partial, "sums_ranks": distributed.all_gather_objects(partial["sums"])}
         if not ctx.is_main:
             distributed.barrier()
             return
@@ -267,7 +269,10 @@ class Trainer:
         model.train()
         start_step = int(partial["step"]) if partial else 0
         self._set_epoch(loader, ctx, epoch, start_step)
-        sums: dict[str, float] = dict(partial["sums"]) if partial else {}
+        sums: dict[str, float] = {}
+        if partial:  # this rank's running sums (older checkpoints hold rank 0's only)
+            ranks = partial.get("sums_ranks")
+            sums = dict(ranks[distributed.world()[0]] if ranks else partial["sums"])
         n_steps, n_images = start_step, int(partial["n_images"]) if partial else 0
         elapsed_before, start = float(partial["seconds"]) if partial else 0.0, time.perf_counter()
         autocast = torch.autocast(ctx.device.type, dtype=AMP_DTYPES[ctx.amp]) if ctx.amp else None
