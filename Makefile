@@ -26,7 +26,7 @@ test: $(STAMP)  ## install what is missing, then run the default test suite (< 1
 test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x224 fidelity)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-smoke: $(STAMP)  ## every job of every full paper recipe on synthetic images (debug=smoke), a status table (~15 min quiet)
+smoke: $(STAMP)  ## every job of every full paper recipe on synthetic images (debug=smoke), a status table (~10 min)
 	$(PY) scripts/smoke.py $(ARGS)
 
 bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine, certification, runner overhead (ARGS=--quick)
