@@ -15,3 +15,7 @@ class ConfigError(RobustexpError):
 
 class NonFiniteLossError(RobustexpError):
     """The training loss became NaN or infinite."""
+
+
+class CheckpointError(RobustexpError):
+    """No usable training checkpoint to resume from (damaged or truncated files)."""

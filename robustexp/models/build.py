@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,6 +62,14 @@ def build_model(model_cfg: DictConfig | Mapping, num_classes: int, mean: Sequenc
     return NormalizedClassifier(net, mean, std, net_channels=net_channels)
 
 
+def _unreadable(path: Path, exc: Exception, expected: str) -> str:
+    """The error text for a weights file that cannot be read at all: truncated (an interrupted copy
+    or download) or not a weights file, rather than torch's bare ``[Errno 22] Invalid argument``."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unexpected end of file"
+    return (f"model.checkpoint={path}: cannot read it ({type(exc).__name__}: {reason}); the file "
+            f"({path.stat().st_size} bytes) looks truncated or damaged; expected {expected}: copy or download it again")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a torch file loaded with ``weights_only=True``
     (no arbitrary code is unpickled). Accepts our run checkpoints (``{"model": ...}``) and the
@@ -70,12 +80,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for a torn header
+            raise ConfigError(_unreadable(path, exc, "a complete .safetensors file")) from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors name the refused global
-            raise ConfigError(f"model.checkpoint={path}: cannot load it with weights_only=True ({exc})") from exc
+        except Exception as exc:  # torch raises OSError, EOFError, RuntimeError... for damaged files
+            refused = "Unsupported global" in str(exc) or zipfile.is_zipfile(path)
+            if isinstance(exc, pickle.UnpicklingError) and refused:
+                # a readable file that holds more than tensors: torch's text names the refused global
+                raise ConfigError(f"model.checkpoint={path}: cannot load it with weights_only=True ({exc})") from exc
+            raise ConfigError(_unreadable(path, exc, "a complete .pt/.pth file written by torch.save")) from exc
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -17,12 +18,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from robustexp import distributed
-from robustexp.errors import ConfigError, NonFiniteLossError
+from robustexp.errors import CheckpointError, ConfigError, NonFiniteLossError
 from robustexp.methods.base import TrainingMethod
 from robustexp.preemption import PreemptionHandler
+from robustexp.training.checkpoints import LAST_NAME, load_checkpoint, save_checkpoint
 from robustexp.utils import atomic_torch_save, derive_seed, seed_dataloader_worker
 
-CHECKPOINT_NAME = "last.pt"
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = LAST_NAME
 FINAL_WEIGHTS_NAME = "model_final.pt"
 
 
@@ -122,13 +126,15 @@ class Trainer:
         scheduler: a partial LR scheduler called with the optimizer, or None.
         scheduler_interval: ``epoch`` or ``step``: when ``scheduler.step()`` is called.
         grad_clip_norm: clip the gradient norm to this value (None: no clipping).
-        checkpoint_every: write ``checkpoints/last.pt`` every this many epochs (and always at the end).
+        checkpoint_every: write ``checkpoints/last.pt`` every this many epochs (and always at the end);
+            the checkpoint it replaces is kept as ``checkpoints/previous.pt``.
         keep_epoch_checkpoints: also keep ``checkpoints/epoch_XXX.pt`` for every checkpointed epoch.
 
     Reproducibility and resume: the shuffling of epoch ``e`` uses a generator seeded from
     ``(seed, e)``, and the checkpoint stores model, optimizer, scheduler, method state and the
     python / numpy / torch RNG states. Rerunning an interrupted run therefore continues from
-    its last checkpoint and ends with the same weights as an uninterrupted run.
+    its last checkpoint and ends with the same weights as an uninterrupted run; from
+    ``previous.pt`` when ``last.pt`` is damaged (:mod:`robustexp.training.checkpoints`).
     """
 
     def __init__(self, epochs: int, batch_size: int, optimizer: Callable, scheduler: Callable | None = None,
@@ -147,6 +153,7 @@ class Trainer:
         self.checkpoint_every = max(1, checkpoint_every)
         self.keep_epoch_checkpoints = keep_epoch_checkpoints
         self.drop_last = drop_last
+        self._keep_previous = True  # False while last.pt is a damaged file (fit fell back to previous.pt)
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
@@ -168,7 +175,8 @@ class Trainer:
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "method": method.state_dict(), "rng": rng_ranks[0], "rng_ranks": rng_ranks, "history": history,
                  "partial": partial}
-        atomic_torch_save(state, self.checkpoint_path(ctx.run_dir))
+        save_checkpoint(state, self.checkpoint_path(ctx.run_dir).parent, keep_previous=self._keep_previous)
+        self._keep_previous = True
         if self.keep_epoch_checkpoints and partial is None:
             atomic_torch_save(state, ctx.run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
         distributed.barrier()
@@ -215,16 +223,22 @@ class Trainer:
             scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         history: list[dict[str, float]] = []
         start_epoch, partial = 0, None
-        path = self.checkpoint_path(ctx.run_dir)
-        if path.is_file():
-            state = torch.load(path, map_location=ctx.device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state["scheduler"] is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            method.load_state_dict(state["method"])
+        state, path = load_checkpoint(self.checkpoint_path(ctx.run_dir).parent)  # on the CPU; raises CheckpointError
+        self._keep_previous = path is None or path.name == LAST_NAME  # never keep a damaged last.pt as previous.pt
+        if state is not None:
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                if scheduler is not None and state["scheduler"] is not None:
+                    scheduler.load_state_dict(state["scheduler"])
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+                method.load_state_dict(state["method"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(
+                    f"{path} does not fit this run's model, optimizer or method ({type(exc).__name__}: {exc}); was "
+                    f"the code changed since it was written? To train this run from scratch, delete {path.parent} "
+                    "and rerun the same command; to keep it, add tag=<name> to the command") from exc
             rank, world_size = distributed.world()
             rng_ranks = state.get("rng_ranks") or [state["rng"]]
             _set_rng_state(rng_ranks[rank] if len(rng_ranks) == world_size else state["rng"])
@@ -232,7 +246,7 @@ class Trainer:
             start_epoch, partial = int(state["epoch"]), state.get("partial")
             where = f", {partial['step']} steps into epoch {start_epoch + 1}" if partial else ""
             if ctx.is_main:
-                print(f"[robustexp] resuming from {path} (epoch {start_epoch}/{self.epochs} done{where})")
+                log.info("resuming from %s (epoch %d/%d done%s)", path, start_epoch, self.epochs, where)
 
         train_model = torch.compile(model) if ctx.compile else model
         try:
@@ -319,7 +333,7 @@ class Trainer:
                                       partial={"step": n_steps, "sums": sums, "n_images": n_images,
                                                "seconds": seconds})
                 if ctx.is_main:
-                    print(f"[robustexp] signal received: checkpoint written at epoch {epoch}, step {n_steps}")
+                    log.info("signal received: checkpoint written at epoch %d, step %d", epoch, n_steps)
                 ctx.preemption.hand_over(str(self.checkpoint_path(ctx.run_dir)))
         bar.close()
         totals = distributed.all_gather_objects((sums, n_steps, n_images))
@@ -328,6 +342,6 @@ class Trainer:
         summary.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"],
                        images_per_s=sum(t[2] for t in totals) / max(seconds, 1e-9))
         if ctx.is_main:
-            print(f"[robustexp] epoch {epoch}/{self.epochs}: " +
-                  ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
+            log.info("epoch %d/%d: %s", epoch, self.epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"))
         return summary
