@@ -32,3 +32,34 @@ def instantiate_component(node: DictConfig | dict, meta_keys: tuple[str, ...] = 
         if isinstance(cause, RobustexpError):
             raise cause from None
         raise
+
+
+# the config groups a run is composed of, in the order a user reads them
+GROUPS = ("experiment", "model", "dataset", "method", "adaptation", "trainer", "eval", "corruptions", "logger",
+          "debug")
+
+
+def group_choices(cfg: DictConfig) -> dict[str, str]:
+    """The option chosen in each config group (``{"method": "gnt", "adaptation": "bn", ...}``;
+    ``"none"`` where the group is not used): what runs are grouped and filtered by.
+
+    Taken from Hydra's runtime choices when Hydra composed the run (``hydra/launcher`` and other
+    ``hydra/`` groups left out); a config composed without them (the tests' ``compose``) falls
+    back to each group's ``name`` key."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # not inside a Hydra app
+        choices = {}
+    result = {}
+    for group in GROUPS:
+        choice = choices.get(group)
+        if choice is None and group not in choices:
+            node = cfg.get(group)
+            choice = node.get("name") if isinstance(node, DictConfig) else None
+            choice = choice if choice is not None else ("custom" if node is not None else None)
+        result[group] = "none" if choice is None else str(choice)
+    if result["method"] == "none":
+        result["method"] = "standard"  # a run without +method is standard training
+    return result

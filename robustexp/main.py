@@ -9,6 +9,8 @@ evaluators -> metrics.json + summary.md + W&B. Every component is built from its
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustexp import distributed
 from robustexp.adaptation.sweep import expand_grid
-from robustexp.config import instantiate_component
+from robustexp.config import group_choices, instantiate_component
 from robustexp.errors import ConfigError, RobustexpError
 from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.report import format_table
@@ -44,6 +46,8 @@ METRICS_FILE, SUMMARY_FILE, CONFIG_FILE = "metrics.json", "summary.md", "config.
 # the keys of metrics.json that describe the run rather than hold one evaluator's result
 RUN_KEYS = ("status", "run_id", "run_dir", "seed", "code_version", "device", "world_size", "command", "started",
             "finished", "summary", "train", "adaptation", "adaptation_sweep", "error", "traceback")
+LOG_FILE = "main.log"  # the run's story: options, milestones, results, errors (Hydra's job log file name)
+log = logging.getLogger(__name__)
 register_resolvers()
 
 
@@ -83,9 +87,9 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
         if adaptation is not None:
             adaptation.attach(model)
             metrics.setdefault("adaptation", {})[variant] = adaptation.describe()
-            print(f"[robustexp] evaluating {mode or 'the model'} with {variant}: {adaptation.describe()}")
+            log.info("evaluating %s with %s: %s", mode or "the model", variant, adaptation.describe())
         elif mode:
-            print(f"[robustexp] evaluating {mode}")
+            log.info("evaluating %s", mode)
         eval_ctx = make_ctx(suffix)
         eval_ctx.adaptation = adaptation
         try:
@@ -96,7 +100,7 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
                     once.add(key)
                 if key + suffix in kept:
                     result = kept[key + suffix]
-                    print(f"[robustexp] {key}{suffix}: kept from the interrupted attempt")
+                    log.info("%s%s: kept from the interrupted attempt", key, suffix)
                 else:
                     result = evaluator.evaluate(model, data, eval_ctx)
                 metrics[key + suffix] = result
@@ -109,6 +113,29 @@ def _evaluate_variants(model, data, evaluators, variants, mode, metrics, tables,
         finally:
             if adaptation is not None:
                 adaptation.detach()
+
+
+@contextlib.contextmanager
+def _log_to(run_dir: Path):
+    """Also write robustexp's log to ``<run dir>/main.log`` (unless Hydra's job log is that file
+    already, as in a single run): in a sweep the run directory then keeps its own story across
+    relaunches and requeued attempts, next to Hydra's log in the sweep's job folder."""
+    path = (run_dir / LOG_FILE).resolve()
+    package = logging.getLogger("robustexp")
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+    handlers = [h for lg in (logging.getLogger(), package) for h in lg.handlers]
+    if distributed.world()[0] != 0 or any(getattr(h, "baseFilename", None) == str(path) for h in handlers):
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        handler.close()
 
 
 def _headline_table(headline: Mapping[str, float]) -> str:
@@ -130,9 +157,14 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
     In a multi-process run every rank calls this with the same directory; only rank 0 writes
     files and logs to W&B (see :mod:`robustexp.distributed`)."""
     run_dir = Path(run_dir)
-    is_main = distributed.world()[0] == 0
-    if is_main:
+    if distributed.world()[0] == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+    with _log_to(run_dir):
+        return _run(cfg, run_dir, sweep_group)
+
+
+def _run(cfg: DictConfig, run_dir: Path, sweep_group: str | None) -> dict[str, Any]:
+    is_main = distributed.world()[0] == 0
     distributed.barrier()
     metrics_path = run_dir / METRICS_FILE
     kept: dict[str, Any] = {}
@@ -140,10 +172,10 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         previous = read_json(metrics_path)
         if previous.get("status") == "complete":
             if is_main:
-                print(f"[robustexp] {run_dir} already holds a complete run of this config; its stored results:\n")
                 summary = run_dir / SUMMARY_FILE
-                print(summary.read_text() if summary.is_file() else _headline_table(previous.get("summary", {})))
-                print("\n(pass tag=<name> to run the same config again in a new directory)")
+                log.info("%s already holds a complete run of this config; its stored results:\n\n%s\n\n(pass "
+                         "tag=<name> to run the same config again in a new directory)", run_dir,
+                         summary.read_text() if summary.is_file() else _headline_table(previous.get("summary", {})))
             return previous
         kept = {k: v for k, v in previous.items() if k not in RUN_KEYS}  # evaluations of an interrupted attempt
     distributed.barrier()  # every rank has read the previous state before rank 0 rewrites it
@@ -190,10 +222,11 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         report = instantiate_component(cfg.adaptation.report) if cfg.get("adaptation") and \
             cfg.adaptation.get("report") else None
         if is_main:
-            print(f"[robustexp] run {name}\n[robustexp] dir {run_dir}\n[robustexp] {data.name}: "
-                  f"{len(data.train)} train / {len(data.test)} test images {data.input_shape}, "
-                  f"model {cfg.model.name}, method {getattr(method, 'name', 'custom')}, device {device}"
-                  + (f", {distributed.world()[1]} processes" if distributed.active() else ""))
+            log.info("run %s in %s: %s, %d train / %d test images %s, model %s, method %s, device %s%s", name, run_dir,
+                     data.name, len(data.train), len(data.test), data.input_shape, cfg.model.name,
+                     getattr(method, "name", "custom"), device,
+                     f", {distributed.world()[1]} processes" if distributed.active() else "")
+            log.info("options: %s", ", ".join(f"{k}={v}" for k, v in group_choices(cfg).items() if v != "none"))
         train_ctx = _train_context(cfg, run_dir, device, tracker.log, preemption)
         metrics["train"] = trainer.fit(model, method, data.train, train_ctx)
         save()
@@ -221,7 +254,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
             if metrics["adaptation_sweep"].get("table"):  # a report's own table (the selected prior N)
                 tables.append(metrics["adaptation_sweep"]["table"])
             if is_main:
-                print(f"[robustexp] adaptation sweep: {metrics['adaptation_sweep']['png']}")
+                log.info("adaptation sweep: %s", metrics["adaptation_sweep"]["png"])
         names = list(next(iter(comparison.values()), {}))
         if len(names) > 1:
             tables.append("## top-1 % by test-time adaptation\n\n" + format_table(
@@ -234,6 +267,11 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
         metrics["error"] = f"{type(exc).__name__}: {exc}"
         metrics["traceback"] = traceback.format_exc()
         save()
+        if metrics["status"] == "failed":  # our own input errors without the traceback (it is in metrics.json)
+            log.error("run %s failed: %s%s", name, metrics["error"], "" if isinstance(exc, RobustexpError)
+                      else "\n" + metrics["traceback"].rstrip())
+        else:
+            log.warning("run %s %s: %s", name, metrics["status"], metrics["error"])
         tracker.finish(exit_code=1)
         raise
     finally:
@@ -250,7 +288,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) ->
     tracker.summary(metrics["summary"])
     tracker.finish(exit_code=0)
     if is_main:
-        print(f"\n{summary_text}\n\n[robustexp] metrics: {metrics_path}")
+        log.info("results of %s:\n\n%s\n\nmetrics: %s", name, summary_text, metrics_path)
     distributed.barrier()
     return metrics
 
@@ -295,7 +333,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         raise SystemExit(f"robustexp: {exc}") from None
     except Exception as exc:
         if multirun:  # one failed job does not stop the sweep; run() recorded it and closed its W&B run
-            print(f"[robustexp] job failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=sys.stderr)
+            log.error("job failed: %s: %s (continuing with the other jobs)", type(exc).__name__, exc)
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         if isinstance(exc, RobustexpError):
             raise SystemExit(f"robustexp: error: {exc}") from None

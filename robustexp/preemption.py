@@ -8,8 +8,9 @@ SLURM sends SIGTERM when it preempts a job and, with ``--signal=USR1@120`` (or s
 polls it after every optimizer step, writes a mid-epoch checkpoint, and then calls
 :meth:`PreemptionHandler.hand_over`:
 
-* if another handler was installed before ours (submitit's, which resubmits the job and exits),
-  that handler is called;
+* if another handler was installed before ours (submitit's, which requeues the job and exits on
+  its USR2 and only logs a SIGTERM), that handler is called, then the process exits
+  (``SystemExit``: submitit records no result for the attempt; SLURM requeues a preempted job);
 * otherwise, under SLURM with ``requeue=True``, the job is requeued with ``scontrol requeue``;
 * then :class:`Preempted` is raised: the run is marked ``preempted`` and the process exits. The
   same command (or the requeued job) resumes from the checkpoint, to the same result.
@@ -61,9 +62,10 @@ class PreemptionHandler:
         self.received = signum
         if self.immediate:  # evaluating: nothing to checkpoint, the finished evaluations are in metrics.json
             previous = self._previous.get(signum)
-            if callable(previous):  # submitit: requeue (and exit) on its signal, ignore SIGTERM
+            if callable(previous):  # submitit: requeues and exits on its USR2, only logs a SIGTERM
                 previous(signum, frame)
-                return
+                raise SystemExit(f"robustexp: stopped by {signal.Signals(signum).name} during evaluation "
+                                 "(finished evaluations are kept; the requeued job resumes)")
             raise Preempted(f"stopped by {signal.Signals(signum).name} during evaluation; rerun the same command "
                             "to resume (finished evaluations are kept)")
 
@@ -72,17 +74,17 @@ class PreemptionHandler:
         return self.received is not None
 
     def hand_over(self, checkpoint: str) -> None:
-        """Called after the checkpoint is written. Does not return unless a previous handler chose
-        to ignore the signal (submitit ignores SIGTERM, for instance): then training goes on."""
+        """Called after the checkpoint is written; does not return."""
         signum, self.received = self.received, None
         name = signal.Signals(signum).name if signum is not None else "a signal"
         previous = self._previous.get(signum)
         if callable(previous):
-            previous(signum, None)  # submitit: requeues and exits on rank 0 (USR2); ignores SIGTERM
-            if signum == signal.SIGTERM or not _other_rank_of_a_group():
-                return
-            # ranks > 0 of a submitit job: it neither requeues nor exits there; stop with rank 0
-            raise Preempted(f"stopped by {name} with rank 0 after writing {checkpoint}")
+            previous(signum, None)  # submitit: requeues and exits on rank 0 (USR2); only logs a SIGTERM
+            # SLURM sends SIGTERM when it ends the job (preemption, `scontrol requeue`, scancel, the time
+            # limit) and requeues it itself where it will; training on would only end in its SIGKILL. Stop
+            # now, with SystemExit rather than an error, so that submitit records no result for this attempt
+            # (the requeued job's result is the job's); ranks > 0 (submitit does nothing there) stop too.
+            raise SystemExit(f"robustexp: stopped by {name} after writing {checkpoint}")
         if self.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
             task = os.environ.get("SLURM_ARRAY_TASK_ID")

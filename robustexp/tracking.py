@@ -6,14 +6,16 @@ Modes: ``offline`` (default; no network, sync later with ``wandb sync <run_dir>/
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from robustexp.errors import ConfigError
 
 MODES = ("offline", "online", "disabled")
+log = logging.getLogger(__name__)
 
 
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -39,13 +41,15 @@ class WandbTracker:
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags, self.notes, self.job_type = group, list(tags or []), notes, job_type
         self.run = None
+        self.lost = False  # W&B failed during this run (see _call)
+        self.files: Path | None = None
 
     def start(self, run_dir: Path, name: str, config: Mapping[str, Any], group: str | None = None) -> None:
         if self.mode == "disabled":
             return
         import wandb
 
-        wandb_dir = Path(run_dir) / "wandb"
+        wandb_dir = self.files = Path(run_dir) / "wandb"
         for variable, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
                               ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
             path = Path(run_dir) if variable == "WANDB_DIR" else wandb_dir / sub
@@ -57,15 +61,43 @@ class WandbTracker:
                               dir=str(run_dir), mode=self.mode, reinit="finish_previous",
                               settings=wandb.Settings(silent=True, console="off"), **resume)
 
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
+        """Run one W&B call; if W&B fails, warn once and go on without it.
+
+        A job's SIGTERM (a SLURM preemption, ``scontrol requeue``, the time limit) reaches every
+        process of the job, W&B's service process (wandb-core) included, which exits at once; the
+        next call then raises ``ConnectionResetError: Connection lost``. The run itself must not
+        fail for that: it checkpoints and stops (or finishes), and metrics.json / summary.md hold
+        every result. What W&B received before is in this attempt's files under ``wandb/``."""
+        if self.run is None:
+            return
+        try:
+            call()
+        except Exception as exc:
+            log.warning("W&B stopped working while %s (%s: %s); the run goes on without W&B: its results are in "
+                        "metrics.json and summary.md, and what W&B received before is under %s. (A job's SIGTERM "
+                        "also ends W&B's service process.)", what, type(exc).__name__, exc, self.files)
+            self.run, self.lost = None, True
+            _discard_service()
+
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if self.run is not None:
-            self.run.log(flatten(metrics), step=step)
+        self._call("logging", lambda: self.run.log(flatten(metrics), step=step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
-        if self.run is not None:
-            self.run.summary.update(flatten(metrics))
+        self._call("writing the summary", lambda: self.run.summary.update(flatten(metrics)))
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        run = self.run
+        self._call("finishing the run", lambda: run.finish(exit_code=exit_code))
+        self.run = None
+
+
+def _discard_service() -> None:
+    """Forget a W&B service process that has gone (so that neither its exit hook nor the next
+    ``wandb.init`` of this process tries to talk to it)."""
+    import wandb
+
+    try:
+        wandb.teardown(exit_code=1)
+    except (Exception, SystemExit):  # tearing down a dead service raises the same connection error
+        pass

@@ -33,6 +33,9 @@ def _toy_model() -> torch.nn.Module:
 def _worker(run_dir: Path, signal_at: int) -> None:
     """One rank of the run; rank 0 sends itself SIGUSR1 at global step ``signal_at`` (0: never)
     and, after training, writes every rank's generator, replay buffer and classifier to result.pt."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
     from robustexp import distributed
     from robustexp.methods.ant import AdversarialNoiseTraining
     from robustexp.preemption import Preempted, PreemptionHandler

@@ -153,20 +153,25 @@ def test_mid_epoch_checkpoint_on_a_signal_resumes_to_identical_weights(tmp_path)
     assert [h["loss"] for h in resumed_history["history"]] == pytest.approx([h["loss"] for h in history["history"]])
 
 
-def test_a_previous_handler_that_ignores_the_signal_lets_training_continue(tmp_path):
-    """Under submitit, SIGTERM is 'bypassed': we checkpoint, call its handler, and go on."""
+def test_a_previous_handler_that_returns_is_called_and_the_run_stops_after_the_checkpoint(tmp_path):
+    """Under submitit, SIGTERM only gets logged by its handler: we checkpoint, call that handler, and
+    stop with SystemExit (no result for the attempt; SLURM requeues a preempted job), instead of
+    training on until SLURM's SIGKILL."""
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
     handler = PreemptionHandler(["SIGUSR1"]).install()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(60, 1, 4, 4, generator=g), torch.randint(0, 3, (60,),
+                                                                                               generator=g))
     try:
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randn(60, 1, 4, 4, generator=g), torch.randint(0, 3, (60,),
-                                                                                                   generator=g))
-        _, history = _fit(tmp_path, _SignalAtStep(2), data, handler)
+        with pytest.raises(SystemExit, match="SIGUSR1"):
+            _fit(tmp_path, _SignalAtStep(2), data, handler)
     finally:
         handler.uninstall()
         signal.signal(signal.SIGUSR1, previous)
-    assert calls == [signal.SIGUSR1] and len(history["history"]) == 3
+    assert calls == [signal.SIGUSR1]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["partial"]["step"] == 2
 
 
 def _wandb_exit_code(path: Path) -> int | None:
@@ -239,7 +244,7 @@ def test_two_process_torchrun_on_cpu_matches_a_single_process_evaluation(tmp_pat
     run_dir = _only_run(tmp_path)
     metrics = _metrics(run_dir)
     assert metrics["status"] == "complete" and metrics["world_size"] == 2
-    assert result.stdout.count("[robustexp] epoch 1/1") == 1  # rank 0 prints, rank 1 does not
+    assert result.stdout.count("] - epoch 1/1") == 1  # rank 0 logs, rank 1 does not
     # 500 training images over 2 ranks x batch 25 -> 10 steps per rank per epoch
     assert metrics["train"]["history"][0]["images_per_s"] > 0
     # exact totals: the sharded clean evaluation equals a single-process evaluation of the saved weights
