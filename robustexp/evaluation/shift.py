@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_batches, evaluate_subset
 from robustexp.evaluation.corruptions import _subsets
 from robustexp.evaluation.report import format_table, save_figure
+
+log = logging.getLogger(__name__)
 
 # the four ImageNet-C hold-out corruptions belong to these categories (Hendrycks & Dietterich 2019)
 HOLDOUT_CATEGORIES = {"speckle_noise": "noise", "gaussian_blur": "blur", "spatter": "weather", "saturate": "digital"}
@@ -136,7 +139,7 @@ class ShiftEvaluator(Evaluator):
             describe = getattr(ctx.adaptation, "describe", lambda: type(ctx.adaptation).__name__)()
             note = (f"measures the shift of the unadapted model (on a copy of the model without {describe}); "
                     f"the results do not depend on the adaptation variant")
-            print(f"[robustexp] shift evaluator: {note}")
+            log.info("shift evaluator: %s", note)
             model = unadapted_copy(model, ctx.adaptation)
         layers = batchnorm_layers(model)
         if not layers:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -53,6 +54,8 @@ from robustexp.attacks import pgd
 from robustexp.errors import ConfigError
 from robustexp.methods.base import TrainingMethod
 from robustexp.models.dual_bn import BRANCHES, bn_branch, convert_to_dual_bn, dual_bn_layers
+
+log = logging.getLogger(__name__)
 
 EVAL_BN = ("main", "aux", "both")
 ATTACK_BN_MODES = ("eval", "train")
@@ -322,7 +325,7 @@ class AdvBNTraining(_AuxBNMethod):
 
         rear_bns = [n for n, m in rear if isinstance(m, _BatchNorm)]
         if not rear_bns:
-            print(f"[robustexp] AdvBN: no BatchNorm after {self.layer}; the adversarial path has no auxiliary BN")
+            log.warning("AdvBN: no BatchNorm after %s; the adversarial path has no auxiliary BN", self.layer)
         self.converted = convert_to_dual_bn(net, rear_bns)
         self.rear_names = [n for n, _ in split_network(net, self.layer)[2]]  # with the new main / aux modules
         self._checked = False
