@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from robustexp.evaluation.report import format_table, save_figure
+from robustexp.run_id import NON_IDENTITY_KEYS
 from robustexp.utils import atomic_write_bytes
 
 METHOD_COLUMNS = (  # (column label, summary key)
@@ -100,7 +101,7 @@ class Run:
     def group_key(self) -> str:
         """The config without the seed (and what does not change results): runs that share it are
         seeds of one experiment."""
-        ignored = ("seed", "runtime", "logger", "output_root", "hydra")
+        ignored = ("seed", *NON_IDENTITY_KEYS)
         blob = json.dumps({k: v for k, v in self.config.items() if k not in ignored}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:6]
 

@@ -15,13 +15,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-EXCLUDED_KEYS = ("hydra", "logger", "runtime", "output_root")
+# the top-level config keys that are not part of a run's identity (how it runs and where it logs, not
+# what it computes): the one list, used by the run id and by the report's grouping of seeds
+NON_IDENTITY_KEYS = ("hydra", "logger", "runtime", "output_root")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The part of the config that determines the results."""
     return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key not in EXCLUDED_KEYS}
+            for key in cfg if key not in NON_IDENTITY_KEYS}
 
 
 def config_hash(cfg: DictConfig, length: int = 8) -> str:
