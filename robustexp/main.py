@@ -197,7 +197,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_group: str | None) -> dict[str, A
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode())
     save()
     tracker = instantiate_component(cfg.logger) if is_main else WandbTracker(mode="disabled")
-    tracker.start(run_dir, name=name, config=resolved, group=sweep_group)
+    tracker.start(run_dir, name=name, config=resolved, group=sweep_group, choices=group_choices(cfg))
     preemption = PreemptionHandler(cfg.runtime.get("preemption_signals") or (),
                                    requeue=bool(cfg.runtime.get("requeue", True))).install()
     # ranks other than 0 evaluate into a scratch directory: plots and tables are written once, by rank 0
@@ -272,6 +272,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_group: str | None) -> dict[str, A
                       else "\n" + metrics["traceback"].rstrip())
         else:
             log.warning("run %s %s: %s", name, metrics["status"], metrics["error"])
+        tracker.record_run(run_dir, metrics)  # status, what was computed, metrics.json
         tracker.finish(exit_code=1)
         raise
     finally:
@@ -285,7 +286,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_group: str | None) -> dict[str, A
     if is_main:
         atomic_write_bytes(run_dir / SUMMARY_FILE, (f"# {name}\n\n{summary_text}\n").encode())
     save()
-    tracker.summary(metrics["summary"])
+    tracker.record_run(run_dir, metrics)  # after metrics.json and summary.md are final
     tracker.finish(exit_code=0)
     if is_main:
         log.info("results of %s:\n\n%s\n\nmetrics: %s", name, summary_text, metrics_path)

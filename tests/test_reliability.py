@@ -176,30 +176,10 @@ def test_a_previous_handler_that_returns_is_called_and_the_run_stops_after_the_c
 
 def _wandb_exit_code(path: Path) -> int | None:
     """The exit code in the exit record that ``run.finish`` writes to an offline W&B file (None
-    if the run was never closed). The file is a LevelDB-style log: a 7-byte file header, then
-    32 KiB blocks of chunks with a 7-byte header (crc, length, type: full / first / middle / last)."""
-    import struct
+    if the run was never closed); the file is read by :mod:`tests.wandb_records`."""
+    from tests import wandb_records
 
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, pending, code = path.read_bytes(), 7, 32768, b"", None
-    while pos + 7 <= len(data):
-        room = block - pos % block
-        if room < 7:
-            pos += room
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            pos += room - 7 - length
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "exit":
-                code = record.exit.exit_code
-    return code
+    return wandb_records.exit_code(wandb_records.records(path))
 
 
 def test_failing_job_in_a_multirun_does_not_stop_the_others_and_its_wandb_run_is_closed(tmp_path):
