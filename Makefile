@@ -20,7 +20,8 @@ install: $(STAMP)  ## create .venv and install robustexp with its pinned depende
 run: $(STAMP)  ## install what is missing, then run the embedded default (python -m robustexp)
 	$(PY) -m robustexp $(ARGS)
 
-test: $(STAMP)  ## install what is missing, then run the default test suite (< 10 min on 2 CPU cores)
+test: $(STAMP)  ## install what is missing, lint (ruff, pyproject.toml), run the default test suite (< 10 min on 2 CPU cores)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x224 fidelity)

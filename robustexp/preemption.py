@@ -9,8 +9,9 @@ polls it after every optimizer step, writes a mid-epoch checkpoint, and then cal
 :meth:`PreemptionHandler.hand_over`:
 
 * if another handler was installed before ours (submitit's, which requeues the job and exits on
-  its USR2 and only logs a SIGTERM), that handler is called, then the process exits
-  (``SystemExit``: submitit records no result for the attempt; SLURM requeues a preempted job);
+  its USR2 and only logs a SIGTERM), that handler is called, then the process exits with a
+  ``SystemExit`` naming the signal and the checkpoint (submitit's own ``sys.exit(-1)`` is replaced by
+  it; submitit records no result for the attempt; SLURM requeues a preempted job);
 * otherwise, under SLURM with ``requeue=True``, the job is requeued with ``scontrol requeue``;
 * then :class:`Preempted` is raised: the run is marked ``preempted`` and the process exits. The
   same command (or the requeued job) resumes from the checkpoint, to the same result.
@@ -61,13 +62,26 @@ class PreemptionHandler:
     def _record(self, signum: int, frame) -> None:
         self.received = signum
         if self.immediate:  # evaluating: nothing to checkpoint, the finished evaluations are in metrics.json
-            previous = self._previous.get(signum)
-            if callable(previous):  # submitit: requeues and exits on its USR2, only logs a SIGTERM
-                previous(signum, frame)
-                raise SystemExit(f"robustexp: stopped by {signal.Signals(signum).name} during evaluation "
-                                 "(finished evaluations are kept; the requeued job resumes)")
+            requeued = self._call_previous(signum, frame)
+            if requeued is not None:  # submitit: requeues and exits on its USR2, only logs a SIGTERM
+                raise SystemExit(f"robustexp: stopped by {signal.Signals(signum).name} during evaluation"
+                                 f"{'; submitit requeued the job' if requeued else ''} (finished evaluations are "
+                                 "kept; the requeued job resumes)")
             raise Preempted(f"stopped by {signal.Signals(signum).name} during evaluation; rerun the same command "
                             "to resume (finished evaluations are kept)")
+
+    def _call_previous(self, signum: int, frame) -> bool | None:
+        """Call the handler installed before ours, if any (None: there was none). True when it exited:
+        submitit's USR2 handler requeues the job and then calls ``sys.exit(-1)``, whose bare ``-1`` would
+        be all that the run's record and log say; the caller raises a SystemExit that tells the story."""
+        previous = self._previous.get(signum)
+        if not callable(previous):
+            return None
+        try:
+            previous(signum, frame)
+        except SystemExit:
+            return True
+        return False
 
     @property
     def requested(self) -> bool:
@@ -77,14 +91,15 @@ class PreemptionHandler:
         """Called after the checkpoint is written; does not return."""
         signum, self.received = self.received, None
         name = signal.Signals(signum).name if signum is not None else "a signal"
-        previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, None)  # submitit: requeues and exits on rank 0 (USR2); only logs a SIGTERM
+        # submitit's handler, if installed: requeues the job and exits on rank 0 (USR2); only logs a SIGTERM
+        requeued = self._call_previous(signum, None)
+        if requeued is not None:
             # SLURM sends SIGTERM when it ends the job (preemption, `scontrol requeue`, scancel, the time
             # limit) and requeues it itself where it will; training on would only end in its SIGKILL. Stop
             # now, with SystemExit rather than an error, so that submitit records no result for this attempt
             # (the requeued job's result is the job's); ranks > 0 (submitit does nothing there) stop too.
-            raise SystemExit(f"robustexp: stopped by {name} after writing {checkpoint}")
+            raise SystemExit(f"robustexp: stopped by {name} after writing {checkpoint}"
+                             f"{'; submitit requeued the job' if requeued else ''}")
         if self.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_PROCID", "0")) == 0:
             job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
             task = os.environ.get("SLURM_ARRAY_TASK_ID")

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from robustexp.evaluation.report import format_table, save_figure
+from robustexp.rendering import format_table, save_figure
 from robustexp.run_id import NON_IDENTITY_KEYS
 from robustexp.utils import atomic_write_bytes
 
@@ -368,7 +368,7 @@ def adversarial_table(runs: Sequence[Run]) -> Table | None:
     rows = []
     for label, group in _group(runs).items():
         for variant, _ in _results(group[0], "pgd"):
-            def values(attack, field):
+            def values(attack, field, group=group, variant=variant):
                 return [res["attacks"][attack][field] for r in group for var, res in _results(r, "pgd")
                         if var == variant and attack in res.get("attacks", {})]
             rows.append([_row_label(label, variant), _cell(values(attacks[0], "clean_top1")),
@@ -502,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"robustexp.report: error: {exc}", file=sys.stderr)
         return 2
     print(result["text"])
-    print(f"[robustexp.report] {result['runs']} runs -> {args.out}: " + ", ".join(Path(f).name for f in result["files"]))
+    print(f"[robustexp.report] {result['runs']} runs -> {args.out}: "
+          + ", ".join(Path(f).name for f in result["files"]))
     return 0
 
 

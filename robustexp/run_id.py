@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,11 @@ def run_id(cfg: DictConfig) -> str:
     if cfg.get("tag"):
         parts.append(cfg.tag)
     return "_".join(_slug(p) for p in parts) + "_" + config_hash(cfg)
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    """``<output_root>/runs/<run id>``: the one directory of this config, in single runs and sweeps alike."""
+    return Path(cfg.output_root) / "runs" / run_id(cfg)
 
 
 def register_resolvers() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from robustexp.evaluation.report import format_table
+from robustexp.rendering import format_table
 from robustexp.utils import atomic_write_bytes, atomic_write_json
 
 HEADLINE = ("clean_top1", "mCA", "mCE")

@@ -209,15 +209,18 @@ class WandbTracker:
         process of the job, W&B's service process (wandb-core) included, which exits at once; the
         next call then raises ``ConnectionResetError: Connection lost``. The run itself must not
         fail for that: it checkpoints and stops (or finishes), and metrics.json / summary.md hold
-        every result. What W&B received before is in this attempt's files under ``wandb/``."""
+        every result. This attempt's W&B file under ``wandb/`` holds what wandb-core wrote before it
+        ended, which can be nothing when the signal came early; the next attempt's run logs the
+        earlier epochs again, so its training curve is whole."""
         if self.run is None:
             return
         try:
             call()
         except Exception as exc:
             log.warning("W&B stopped working while %s (%s: %s); the run goes on without W&B: its results are in "
-                        "metrics.json and summary.md, and what W&B received before is under %s. (A job's SIGTERM "
-                        "also ends W&B's service process.)", what, type(exc).__name__, exc, self.files)
+                        "metrics.json and summary.md. This attempt's W&B file under %s holds what W&B wrote before "
+                        "(possibly nothing); a rerun or requeued attempt logs the whole training curve again. (A "
+                        "job's SIGTERM also ends W&B's service process.)", what, type(exc).__name__, exc, self.files)
             self.run, self.lost = None, True
             _discard_service()
 

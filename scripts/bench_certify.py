@@ -31,8 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustexp.evaluation.certify import (ABSTAIN, certified_radius, certify, clopper_pearson_lower,
-                                          fold_frozen_batchnorm)
+from robustexp.evaluation.certify import (
+    ABSTAIN,
+    certified_radius,
+    certify,
+    clopper_pearson_lower,
+    fold_frozen_batchnorm,
+)
 from robustexp.models.build import NormalizedClassifier
 from robustexp.models.small_cnn import SmallCNN
 

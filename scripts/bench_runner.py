@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 
 from robustexp.config import instantiate_component
 from robustexp.evaluation.base import EvalContext
+from robustexp.main import CONFIG_DIR
 from robustexp.methods.standard import StandardTraining
 from robustexp.models.build import build_model
-from robustexp.main import CONFIG_DIR
-from robustexp.training.trainer import Trainer, TrainContext
+from robustexp.training.trainer import TrainContext, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

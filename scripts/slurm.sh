@@ -66,7 +66,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# the main scheduling loop every 2 s (default 60): a requeued job starts once its BeginTime has passed
+SchedulerParameters=bf_interval=1,sched_interval=2
 JobRequeue=1
 ReturnToService=2
 MpiDefault=none

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
-from robustexp.evaluation.report import format_table  # noqa: E402
 from robustexp.main import CONFIG_DIR  # noqa: E402
+from robustexp.rendering import format_table  # noqa: E402
 
 BANNER = ("SMOKE TEST (debug=smoke): synthetic images, untrained weights, cut budgets. THE NUMBERS ARE MEANINGLESS; "
           "this checks that every job of every full recipe runs end to end.")

@@ -105,8 +105,9 @@ def test_works_for_library_models(library):
 def test_full_adaptation_uses_the_statistics_of_the_whole_subset():
     model = trained_like_cnn()
     images = torch.rand(40, 1, 28, 28) + 0.5
-    batches = lambda n: ((images[i:i + n], torch.zeros(len(images[i:i + n]), dtype=torch.long))
-                         for i in range(0, len(images), n))
+    def batches(n):
+        return ((images[i:i + n], torch.zeros(len(images[i:i + n]), dtype=torch.long))
+                             for i in range(0, len(images), n))
     adaptation = BatchNormAdaptation(mode="full").attach(model)
     adaptation.estimate_full(model, batches(16), torch.device("cpu"))
     first_bn = model.features[1]
@@ -166,12 +167,12 @@ def test_bad_adaptation_options():
         BatchNormAdaptation(mode="full").attach(nn.Sequential(nn.Conv2d(1, 1, 1)))
 
 
-def test_runner_compares_no_partial_and_full_adaptation(tmp_path, capsys):
+def test_runner_compares_no_partial_and_full_adaptation(tmp_path):
     metrics = run(compose_config(["+adaptation=compare"]), tmp_path)
     assert {"corruptions", "corruptions@partial", "corruptions@full", "clean@partial"} <= set(metrics)
     assert set(metrics["adaptation"]) == {"partial", "full"}
     assert "mCA@full" in metrics["summary"] and "clean_top1@partial" in metrics["summary"]
-    out = capsys.readouterr().out
+    out = (tmp_path / "summary.md").read_text()
     assert "## top-1 % by test-time adaptation" in out and "| none |" in out.replace("  ", " ").replace("  ", " ")
     # the unadapted evaluation is the same as a run without adaptation
     plain = run(compose_config(), tmp_path / "plain")
@@ -195,7 +196,8 @@ def test_schneider_sweep_writes_csv_and_curves(tmp_path):
     import csv
 
     cfg = compose_config(["+adaptation=schneider_fig1", "adaptation.grid.axes.prior_strength=[0,100000]",
-                          "adaptation.grid.axes.batch_size=[10,50]", "eval.evaluators.corruptions.corruptions=[contrast]",
+                          "adaptation.grid.axes.batch_size=[10,50]",
+                          "eval.evaluators.corruptions.corruptions=[contrast]",
                           "eval.evaluators.corruptions.severities=[3]"])
     metrics = run(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "adaptation_sweep.csv")))
@@ -212,8 +214,8 @@ def test_adhoc_is_the_unadapted_model_and_single_image_is_bn_adaptation_at_n1():
     """Schneider et al. Sec. 2: the ad hoc scenario is n = 1, "not allowed to adapt": the model as
     trained. BN adaptation to single images with an N = 16 prior (their Fig. 1) is single_image."""
     from robustexp.adaptation import NoAdaptation
+    from robustexp.adaptation.sweep import adaptation_variants
     from robustexp.evaluation.base import evaluate_subset
-    from robustexp.main import adaptation_variants
 
     variants, _ = adaptation_variants(compose_config(["+adaptation=adhoc"]).adaptation)
     assert list(variants) == ["adhoc"] and isinstance(variants["adhoc"], NoAdaptation)

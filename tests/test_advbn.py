@@ -12,10 +12,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from robustexp.errors import ConfigError
-from robustexp.methods.advbn import AdvBN, AdvBNTraining, PGDAuxBNTraining, split_network
+from robustexp.methods.advbn import AdvBN, AdvBNTraining, PGDAuxBNTraining
 from robustexp.models.build import NormalizedClassifier
-from robustexp.models.dual_bn import (DualBatchNorm, bn_branch, convert_to_dual_bn, dual_bn_layers,
-                                      prepare_for_state_dict)
+from robustexp.models.dual_bn import (
+    DualBatchNorm,
+    bn_branch,
+    convert_to_dual_bn,
+    dual_bn_layers,
+    prepare_for_state_dict,
+)
+from robustexp.models.splitting import split_network
 from robustexp.training.trainer import TrainContext, Trainer
 from tests.conftest import compose_config, trained_like_cnn
 

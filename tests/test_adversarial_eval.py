@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustexp.adaptation import BatchNormAdaptation
+from robustexp.adaptation.freeze import adapt_and_freeze
 from robustexp.attacks import random_start
 from robustexp.data.base import DataSplits
 from robustexp.errors import ConfigError
 from robustexp.evaluation.adversarial import AdversarialEvaluator, attack_batch, build_eot_copies, eot_loss
 from robustexp.evaluation.base import EvalContext
-from robustexp.evaluation.certify import adapt_and_freeze
 from tests.conftest import trained_like_cnn
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from robustexp.errors import ConfigError
 from robustexp.main import run
-from robustexp.methods.ant import AdversarialNoiseTraining, NoiseGenerator
+from robustexp.methods.ant import AdversarialNoiseTraining
+from robustexp.models.noise_generator import NoiseGenerator
 from tests.conftest import compose_config, trained_like_cnn
 
 

@@ -115,7 +115,8 @@ def test_two_process_ant_has_one_generator_and_resumes_exactly(tmp_path):
     for rank in (0, 1):
         assert _equal_states(result["ranks"][rank]["generator"], reference["ranks"][rank]["generator"]), rank
         assert _equal_states(result["ranks"][rank]["model"], reference["ranks"][rank]["model"]), rank
-        assert all(_equal_states(a, b) for a, b in zip(result["ranks"][rank]["replay"], reference["ranks"][rank]["replay"]))
+        assert all(_equal_states(a, b)
+                   for a, b in zip(result["ranks"][rank]["replay"], reference["ranks"][rank]["replay"]))
     # the interrupted epoch (every rank's running sums are checkpointed) and the one after it log the
     # same metrics as the uninterrupted run
     for key in ("loss", "generator_ce"):

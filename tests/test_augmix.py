@@ -12,7 +12,8 @@ from torch import nn
 from robustexp.data import augmix_ops
 from robustexp.data.augmix_ops import OPERATION_FUNCTIONS, OPERATIONS, AugMix
 from robustexp.errors import ConfigError
-from robustexp.methods.augmix import AugMixTraining, jensen_shannon
+from robustexp.losses import jensen_shannon
+from robustexp.methods.augmix import AugMixTraining
 
 SPEC_OPERATIONS = {"autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
                    "translate_x", "translate_y"}

@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 
-from robustexp.evaluation.calibration import figure_name, grid_calibration, write_reliability_diagram
 from robustexp.errors import ConfigError
-from robustexp.evaluation.metrics import (AccuracyMeter, ece_from_reliability, expected_calibration_error,
-                                          pool_reliability, reliability_bins, rms_calibration_error,
-                                          select_rms_binning)
+from robustexp.evaluation.calibration import figure_name, grid_calibration, write_reliability_diagram
+from robustexp.evaluation.metrics import (
+    AccuracyMeter,
+    ece_from_reliability,
+    expected_calibration_error,
+    pool_reliability,
+    reliability_bins,
+    rms_calibration_error,
+    select_rms_binning,
+)
 from robustexp.main import run
 from tests.conftest import compose_config
 
@@ -161,8 +167,9 @@ def test_rms_binning_option_reaches_clean_and_corruption_results(tmp_path):
     from robustexp.models.build import NormalizedClassifier
     from tests.conftest import trained_like_cnn
 
-    cfg = compose_config(["eval.evaluators.clean.rms_binning=hendrycks", "eval.evaluators.corruptions.corruptions=[fog]",
-                          "eval.evaluators.corruptions.severities=[1]", "+eval.evaluators.clean.reliability_diagram=false",
+    cfg = compose_config(["eval.evaluators.clean.rms_binning=hendrycks",
+                          "eval.evaluators.corruptions.corruptions=[fog]", "eval.evaluators.corruptions.severities=[1]",
+                          "+eval.evaluators.clean.reliability_diagram=false",
                           "+eval.evaluators.corruptions.reliability_diagram=false"])
     assert cfg.eval.evaluators.corruptions.rms_binning == "hendrycks"
     assert compose_config([]).eval.evaluators.corruptions.rms_binning == "paper"

@@ -13,14 +13,23 @@ from scipy.stats import binom, norm
 from torch import nn
 
 from robustexp.adaptation import BatchNormAdaptation, TentAdaptation
+from robustexp.adaptation.freeze import FrozenStatisticsGuard, adapt_and_freeze
 from robustexp.data.base import DataSplits
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext
-from robustexp.evaluation.certify import (ABSTAIN, CertifyEvaluator, FrozenStatisticsGuard, adapt_and_freeze,
-                                          certified_accuracy, certify, clopper_pearson_lower, envelope_radius,
-                                          fold_frozen_batchnorm, predict, sample_counts)
-from robustexp.models.build import NormalizedClassifier
+from robustexp.evaluation.certify import (
+    ABSTAIN,
+    CertifyEvaluator,
+    certified_accuracy,
+    certify,
+    clopper_pearson_lower,
+    envelope_radius,
+    fold_frozen_batchnorm,
+    predict,
+    sample_counts,
+)
 from robustexp.main import run
+from robustexp.models.build import NormalizedClassifier
 from tests.conftest import compose_config, trained_like_cnn
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,16 @@ import torch
 from robustexp.errors import CheckpointError, ConfigError
 from robustexp.evaluation.clean import CleanEvaluator
 from robustexp.evaluation.corruptions import CorruptionEvaluator
-from robustexp.main import run, run_directory
+from robustexp.main import run
 from robustexp.methods.standard import StandardTraining
 from robustexp.models.build import read_state_dict
 from robustexp.preemption import Preempted, PreemptionHandler
+from robustexp.run_id import run_directory
 from robustexp.training.checkpoints import REQUIRED_KEYS, load_checkpoint, read_checkpoint, save_checkpoint
 from robustexp.training.trainer import TrainContext, Trainer
 from robustexp.utils import atomic_torch_save
 from tests.conftest import TOY, compose_config
+from tests.test_reliability import _SignalAtStep
 from tests.test_runner import _comparable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +119,8 @@ def test_a_missing_last_checkpoint_next_to_a_previous_one_is_a_warning(tmp_path,
     save_checkpoint(_state(2), tmp_path)
     (tmp_path / "last.pt").unlink()  # a crash between renaming last.pt to previous.pt and writing the new one
     state, path = load_checkpoint(tmp_path)
-    assert path.name == "previous.pt" and state["epoch"] == 1 and f"{tmp_path / 'last.pt'} is missing" in _warnings(caplog)[0]
+    assert path.name == "previous.pt" and state["epoch"] == 1
+    assert f"{tmp_path / 'last.pt'} is missing" in _warnings(caplog)[0]
 
 
 def test_no_checkpoint_is_a_new_run_and_no_usable_one_is_a_clear_error(tmp_path):
@@ -196,18 +198,6 @@ def _fit(run_dir: Path, method, train_set, preemption=None, width: int = 8):
     trainer = Trainer(epochs=3, batch_size=10, optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
     ctx = TrainContext(run_dir=run_dir, device=torch.device("cpu"), seed=0, progress=False, preemption=preemption)
     return model, trainer.fit(model, method, train_set, ctx)
-
-
-class _SignalAtStep(StandardTraining):
-    def __init__(self, step: int | None):
-        super().__init__()
-        self.step, self.count = step, 0
-
-    def training_step(self, model, images, labels):
-        self.count += 1
-        if self.count == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return super().training_step(model, images, labels)
 
 
 def test_a_damaged_mid_epoch_checkpoint_resumes_from_the_epoch_before_to_the_same_weights(tmp_path, caplog):

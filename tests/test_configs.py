@@ -17,7 +17,8 @@ APPENDED_GROUPS = ("method", "adaptation")  # selected with +group=option
 
 def _options():
     for group_dir in sorted(Path(CONFIG_DIR).iterdir()):
-        if group_dir.is_dir() and group_dir.name not in ("hydra", "experiment", "debug"):  # experiment, debug: tests of their own
+        # experiment, debug: tests of their own
+        if group_dir.is_dir() and group_dir.name not in ("hydra", "experiment", "debug"):
             for path in sorted(group_dir.glob("*.yaml")):
                 yield group_dir.name, path.stem
 

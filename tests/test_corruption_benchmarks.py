@@ -8,22 +8,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from robustexp.config import instantiate_component
+from robustexp.data.batches import evaluation_order
 from robustexp.data.corruptions.sources import OnDiskCorruptions
 from robustexp.errors import ConfigError, DatasetError
-from robustexp.evaluation.base import EvalContext, evaluation_order
+from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.corruptions import CorruptionEvaluator, MixedCorruptionEvaluator
-from robustexp.evaluation.metrics import (ALEXNET_ERRORS, corruption_errors, expected_calibration_error,
-                                          mean_corruption_error, rms_calibration_error)
-from robustexp.main import run
-from hydra import compose, initialize_config_dir
-
-from robustexp.main import CONFIG_DIR
+from robustexp.evaluation.metrics import (
+    ALEXNET_ERRORS,
+    corruption_errors,
+    expected_calibration_error,
+    mean_corruption_error,
+    rms_calibration_error,
+)
+from robustexp.main import CONFIG_DIR, run
 from tests.conftest import compose_config, toy_overrides
 from tests.test_data import _fake_cifar
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -259,7 +262,7 @@ def test_preview_image_is_written_on_request(tmp_path):
 
 
 def test_evaluation_visits_a_class_sorted_test_set_in_shuffled_batches():
-    from robustexp.evaluation.base import test_batches
+    from robustexp.data.batches import test_batches
 
     data = instantiate_component(compose_config(["dataset.n_test=200"]).dataset)
     assert torch.equal(data.test.labels, data.test.labels.sort().values)  # stored sorted by class

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from robustexp.data.corruptions import engine as E
-from robustexp.data.corruptions.engine import DETERMINISTIC, TorchCorruptionEngine
 from robustexp.data.corruptions._replay import REPLAYABLE, natural_images, numpy_draws
+from robustexp.data.corruptions.engine import DETERMINISTIC, TorchCorruptionEngine
 from robustexp.data.corruptions.names import ALL_CORRUPTIONS
 from robustexp.data.corruptions.reference import ReferenceCorruptionEngine, _reference_functions
 from robustexp.errors import ConfigError
@@ -408,7 +408,8 @@ def _chi_square_pvalue(counts: np.ndarray, rate: float) -> float:
         edges.append((lo, hi))
         lo = hi + 1
     observed = [((counts >= a) & (counts <= b)).sum() for a, b in edges] + [(counts >= lo).sum()]
-    expected = [n * (poisson.cdf(b, rate) - poisson.cdf(a - 1, rate)) for a, b in edges] + [n * poisson.sf(lo - 1, rate)]
+    expected = [n * (poisson.cdf(b, rate) - poisson.cdf(a - 1, rate)) for a, b in edges]
+    expected.append(n * poisson.sf(lo - 1, rate))
     observed, expected = np.array(observed, float), np.array(expected)
     stat = float(((observed - expected) ** 2 / expected).sum())
     return float(chi2.sf(stat, len(observed) - 1))

@@ -57,7 +57,7 @@ def test_line_search_finds_the_boundary_of_a_linear_model():
     x = torch.full((6, 3, 8, 8), 0.5)
     d = torch.randn(6, 3, 8, 8) * 0.02
     w = torch.randn(n)
-    d = d * torch.sign((d.flatten(1) @ w)).view(-1, 1, 1, 1)  # moving along d increases w.x
+    d = d * torch.sign(d.flatten(1) @ w).view(-1, 1, 1, 1)  # moving along d increases w.x
     boundary = torch.tensor([0.3, 0.6, 0.9, 1.2, 1.5, 1.8])    # eps* we place the boundary at
     eta = boundary / d.flatten(1).norm(dim=1)
     # at eta the score crosses 0: b = -(w.x + eta w.d), per image -> evaluate one image at a time
@@ -122,8 +122,10 @@ def test_adversarial_generator_training_leaves_the_classifier_alone():
     images, labels = data.images.float() / 255, data.labels
     torch.manual_seed(5)
     with torch.no_grad():
-        learned = sum(F.cross_entropy(model(rescale_to_l2(images, generator(generator.sample_input(images.shape, "cpu")),
-                                                          2.0)), labels) for _ in range(5)) / 5
+        def learned_noise():
+            return generator(generator.sample_input(images.shape, "cpu"))
+
+        learned = sum(F.cross_entropy(model(rescale_to_l2(images, learned_noise(), 2.0)), labels) for _ in range(5)) / 5
         gaussian = sum(F.cross_entropy(model(rescale_to_l2(images, torch.randn_like(images), 2.0)), labels)
                        for _ in range(5)) / 5
     assert learned > gaussian
@@ -153,7 +155,8 @@ def test_adversarial_eps_star_is_the_mean_and_std_over_generators_of_different_s
     each one's noise (eq. 4), reported as mean and standard deviation over the generators."""
     import numpy as np
 
-    from robustexp.evaluation.base import EvalContext, evaluation_order
+    from robustexp.data.batches import evaluation_order
+    from robustexp.evaluation.base import EvalContext
     from robustexp.evaluation.eps_star import (
         EpsStarEvaluator,
         noise_direction,

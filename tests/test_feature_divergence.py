@@ -13,9 +13,14 @@ from robustexp.data.base import DataSplits, TensorImageDataset
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext
-from robustexp.evaluation.feature_divergence import (ChannelMoments, FeatureDivergenceEvaluator,
-                                                     collect_feature_statistics, feature_divergence, gaussian_kl,
-                                                     symmetric_kl)
+from robustexp.evaluation.feature_divergence import (
+    ChannelMoments,
+    FeatureDivergenceEvaluator,
+    collect_feature_statistics,
+    feature_divergence,
+    gaussian_kl,
+    symmetric_kl,
+)
 from robustexp.methods.advbn import AdvBNTraining
 from robustexp.models.build import NormalizedClassifier
 from robustexp.models.dual_bn import bn_branch
@@ -85,7 +90,7 @@ class _ScaledCopies(CorruptionSource):
         self.scale = scale
 
     def batches(self, data, name, severity, batch_size, ctx, max_images=None):
-        from robustexp.evaluation.base import test_batches
+        from robustexp.data.batches import test_batches
 
         for images, labels in test_batches(data.test, batch_size, ctx, max_images):
             yield images * self.scale, labels

@@ -12,8 +12,9 @@ from torch import nn
 from robustexp.adaptation import BatchNormAdaptation
 from robustexp.adaptation.tent import TentAdaptation
 from robustexp.data.base import DataSplits
+from robustexp.data.batches import evaluation_order
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, evaluation_order
+from robustexp.evaluation.base import EvalContext
 from robustexp.evaluation.loss_gradient import LossGradientEvaluator, alignment, input_gradient, visualize_gradient
 from robustexp.main import run
 from tests.conftest import compose_config, trained_like_cnn

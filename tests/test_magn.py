@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustexp.errors import ConfigError
-from robustexp.methods.augmix import jensen_shannon
-from robustexp.methods.magn import MAGNTraining, gaussian_noise_per_example, kl_divergence, magn_regularizer
+from robustexp.losses import jensen_shannon, kl_divergence, magn_regularizer
+from robustexp.methods.magn import MAGNTraining, gaussian_noise_per_example
 
 
 def _softmax(logits):

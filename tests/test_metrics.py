@@ -7,7 +7,7 @@ import math
 import torch
 
 from robustexp.evaluation.metrics import AccuracyMeter, corruption_summary, topk_correct
-from robustexp.evaluation.report import format_table
+from robustexp.rendering import format_table
 
 
 def test_topk_hand_case():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustexp.data.corruptions.engine import plasma_fractal
 from robustexp.data.corruptions.mnist_c import (
     MNIST_C_CORRUPTIONS,
     MNIST_C_NAMES,
@@ -15,7 +16,6 @@ from robustexp.data.corruptions.mnist_c import (
     canny,
     glass_blur_permutation,
     line_from_points,
-    plasma_fractal,
     rotate_images,
     scale_images,
     shear_images,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from robustexp.adaptation import BatchNormAdaptation
-from robustexp.main import CONFIG_DIR, adaptation_variants
+from robustexp.adaptation.sweep import adaptation_variants
+from robustexp.main import CONFIG_DIR
 from tests.conftest import compose_config
 
 NANDY = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("nandy_*.yaml"))
@@ -28,7 +29,7 @@ def test_the_nandy_recipes_include_table3_and_fig2_in_both_sizes():
 def test_every_nandy_adaptation_variant_mixes_standard_deviations(name):
     """Sec. 2: s_bar = rho s_t + (1 - rho) s_T, on the biased test-batch variance."""
     variants, _ = adaptation_variants(_compose(name).adaptation)
-    adapted = {label: v for label, v in variants.items() if v is not None}
+    adapted = {label: v for label, v in variants.items() if v.adapts}
     assert adapted, f"{name} has no adaptation variant"
     for label, variant in adapted.items():
         assert isinstance(variant, BatchNormAdaptation) and variant.mode == "momentum", (name, label)

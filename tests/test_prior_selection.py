@@ -11,13 +11,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from robustexp.adaptation.prior_selection import PriorSelectionReport
-from robustexp.evaluation.prior_selection import (PAPER_N_GRID, HoldoutCorruptionEvaluator, Prop1PriorEvaluator,
-                                                  argmin_N, prop1_curves)
-from robustexp.adaptation.shift import best_prior_strength
-from robustexp.adaptation.sweep import SweepReport
+from robustexp.adaptation.shift_measures import best_prior_strength
+from robustexp.adaptation.sweep import SweepReport, adaptation_variants
 from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError
-from robustexp.main import adaptation_variants
+from robustexp.evaluation.prior_selection import (
+    PAPER_N_GRID,
+    HoldoutCorruptionEvaluator,
+    Prop1PriorEvaluator,
+    argmin_N,
+    prop1_curves,
+)
 from tests.conftest import compose_config
 
 USER_PATHS = ["dataset.root=/data/x", "dataset.corrupted.root=/data/x-c"]

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
 
+from robustexp.adaptation.sweep import adaptation_variants
 from robustexp.config import instantiate_component
-from robustexp.data.corruptions.names import ALL_CORRUPTIONS, HOLDOUT_CORRUPTIONS, TEST_CORRUPTIONS, \
-    resolve_corruptions
-from robustexp.main import CONFIG_DIR, adaptation_variants
+from robustexp.data.corruptions.names import ALL_CORRUPTIONS, HOLDOUT_CORRUPTIONS, TEST_CORRUPTIONS, resolve_corruptions
+from robustexp.main import CONFIG_DIR
 from tests.conftest import compose_config
 
 EXPERIMENT_DIR = Path(CONFIG_DIR) / "experiment"
@@ -111,7 +112,7 @@ def _corruption_set(evaluator: str) -> Callable:
 def _adapted(cfg) -> list:
     """The BN adaptations of every variant the run evaluates (the unadapted model left out)."""
     variants, _ = adaptation_variants(cfg.get("adaptation"))
-    return [v for v in variants.values() if v is not None]
+    return [v for v in variants.values() if v.adapts]
 
 
 def _variant_attr(attr: str, mode: str | None = None, as_set: bool = True) -> Callable:

@@ -40,6 +40,7 @@ def test_seed_changes_random_corruptions(digits):
 def test_gray_convention_is_rgb_then_luma(digits):
     """Gray images are replicated to RGB, corrupted, and mapped back with the 601 luma weights, rounded."""
     from PIL import Image
+
     from robustexp.data.corruptions.reference import _reference_functions
 
     gray = (digits[:2] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -49,7 +50,8 @@ def test_gray_convention_is_rgb_then_luma(digits):
     assert np.array_equal(out[0], np.uint8(np.clip(np.rint(reference @ LUMA_WEIGHTS), 0, 255)))
     # an exact gray level survives the round trip through RGB and luma (no truncation artifact)
     flat = np.full((1, 4, 4, 1), 100, np.uint8)
-    assert (corrupt_uint8(flat, "contrast", 1, seed=0) == corrupt_uint8(np.repeat(flat, 3, -1), "contrast", 1, seed=0)[..., :1]).all()
+    rgb = corrupt_uint8(np.repeat(flat, 3, -1), "contrast", 1, seed=0)
+    assert (corrupt_uint8(flat, "contrast", 1, seed=0) == rgb[..., :1]).all()
 
 
 def test_gaussian_noise_has_the_reference_sigma():

@@ -16,7 +16,7 @@ import torch
 
 from robustexp.methods.standard import StandardTraining
 from robustexp.preemption import Preempted, PreemptionHandler
-from robustexp.training.trainer import Trainer, TrainContext
+from robustexp.training.trainer import TrainContext, Trainer
 from robustexp.utils import atomic_write_json
 from tests.conftest import TOY, compose_config
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustexp.errors import ConfigError
-from robustexp.methods.adversarial_training import TRADES, PGDAdversarialTraining, trades_kl
+from robustexp.losses import trades_kl
+from robustexp.methods.adversarial_training import TRADES, PGDAdversarialTraining
 from robustexp.methods.rse import NoisyEnsemble, RandomSelfEnsemble
 
 EPS = 8 / 255

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from robustexp.adaptation.base import TestTimeAdaptation
 from robustexp.errors import NonFiniteLossError
+from robustexp.evaluation.base import Evaluator
 from robustexp.main import run
 from robustexp.methods.standard import StandardTraining
 from robustexp.training.trainer import Trainer
@@ -112,7 +115,8 @@ class NanAfterSteps(StandardTraining):
 def test_nan_loss_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     cfg = compose_config(["+method=standard", "trainer.epochs=3"])
     cfg.method = {"name": "nan", "_target_": "tests.test_runner.NanAfterSteps", "steps": 22}  # 20 steps per epoch
-    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 2, step 3 .*lower trainer.optimizer.lr"):
+    match = r"training loss is nan at epoch 2, step 3 .*lower trainer.optimizer.lr"
+    with pytest.raises(NonFiniteLossError, match=match):
         run(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "NonFiniteLossError" in metrics["error"]
@@ -134,31 +138,32 @@ def test_a_bad_eval_option_fails_before_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-class _CountingEvaluator:
-    """An evaluator that records the adaptation it was called under."""
+class _CountingEvaluator(Evaluator):
+    """An evaluator that records the adaptation it was called under and whether its hooks were on
+    the model then (``attached``)."""
 
     def __init__(self, per_variant):
         self.per_variant, self.calls = per_variant, []
 
     def evaluate(self, model, data, ctx):
-        self.calls.append(ctx.adaptation)
+        self.calls.append((ctx.adaptation, bool(model._forward_pre_hooks)))
         return {"value": float(len(self.calls))}
 
     def headline(self, result):
         return {"value": result["value"]}
 
-    def table(self, result):
-        return ""
 
-    def compare_rows(self, result):
-        return []
+class _Variant(TestTimeAdaptation):
+    """An adaptation that puts a hook on the model while attached."""
 
-
-class _Variant:
     def attach(self, model):
+        self.handle = model.register_forward_pre_hook(lambda module, inputs: None)
         return self
 
     def detach(self):
+        self.handle.remove()
+
+    def reset(self):
         pass
 
     def describe(self):
@@ -166,19 +171,30 @@ class _Variant:
 
 
 @pytest.mark.parametrize("with_unadapted", [True, False])
-def test_evaluators_independent_of_the_adaptation_run_once_per_mode(with_unadapted):
-    """per_variant=False evaluators run once whatever the variants, also without the unadapted model
-    (``evaluate_unadapted: false``, where no un-suffixed result exists); per-variant ones run for each."""
-    from types import SimpleNamespace
+def test_evaluators_independent_of_the_adaptation_run_once_per_mode_on_the_unadapted_model(with_unadapted, tmp_path):
+    """per_variant=False evaluators run once per mode whatever the variants, also without the unadapted model
+    (``evaluate_unadapted: false``), and on the model as trained: no adaptation in their context and none of
+    the variants' hooks on the model; per-variant ones run for each variant with its adaptation attached."""
+    from contextlib import nullcontext
 
-    from robustexp.main import _evaluate_variants
+    from robustexp.adaptation.base import NoAdaptation
+    from robustexp.evaluation.loop import evaluate_all
+    from robustexp.run_record import RunRecord
 
     once, each = _CountingEvaluator(False), _CountingEvaluator(True)
-    variants = {**({"none": None} if with_unadapted else {}), "a": _Variant(), "b": _Variant()}
-    metrics = {"summary": {}}
-    _evaluate_variants(torch.nn.Identity(), None, {"once": once, "each": each}, variants, "", metrics, [], {},
-                       lambda suffix: SimpleNamespace(), lambda: None, {})
-    assert len(once.calls) == 1 and len(each.calls) == len(variants)
+    variants = {**({"none": NoAdaptation()} if with_unadapted else {}), "a": _Variant(), "b": _Variant()}
+    record = RunRecord(tmp_path)
+    record.start()
+    model = torch.nn.Identity()
+    modes = {"": lambda: nullcontext(model), "aux": lambda: nullcontext(model)}
+    evaluate_all(modes, None, {"once": once, "each": each}, variants, record,
+                 lambda suffix, adaptation: SimpleNamespace(adaptation=adaptation))
+    assert len(once.calls) == 2 and all(not a.adapts and not hooked for a, hooked in once.calls)
+    assert len(each.calls) == 2 * len(variants)
+    assert [(a.adapts, hooked) for a, hooked in each.calls[:len(variants)]] == \
+        [(not isinstance(v, NoAdaptation), not isinstance(v, NoAdaptation)) for v in variants.values()]
+    assert set(record.metrics) >= {"once", "once@aux", "each@a", "each@aux+b"}
+    assert not model._forward_pre_hooks  # every variant detached
 
 
 def test_clean_to_corrupted_gap_is_reported_per_adaptation_variant(tmp_path):

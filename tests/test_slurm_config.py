@@ -20,7 +20,8 @@ def _sbatch_text(tmp_path, monkeypatch, overrides=()):
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     params.pop("_target_")
     params.pop("submitit_folder")
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     params["name"] = "robustexp"
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
@@ -39,3 +40,28 @@ def test_slurm_launcher_multi_gpu_job_has_one_task_per_gpu(tmp_path, monkeypatch
     text = _sbatch_text(tmp_path, monkeypatch, ["hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4"])
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --ntasks-per-node=4" in text
     assert "srun" in text  # tasks started by srun: each reads its rank from SLURM_PROCID
+
+
+def test_submitits_exit_on_usr2_is_reported_with_the_signal_and_the_checkpoint():
+    """submitit's USR2 handler requeues the job and calls sys.exit(-1): the run's record and main.log must say
+    which signal stopped it and where its checkpoint is, not just "SystemExit: -1"."""
+    import signal
+
+    import pytest
+
+    from robustexp.preemption import PreemptionHandler
+
+    def submitit_like(signum, frame):  # what submitit's checkpoint_and_try_requeue ends with
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    handler = PreemptionHandler(["SIGUSR2"]).install()
+    try:
+        handler.received = signal.SIGUSR2
+        with pytest.raises(SystemExit) as stopped:
+            handler.hand_over("/runs/r/checkpoints/last.pt")
+    finally:
+        handler.uninstall()
+        signal.signal(signal.SIGUSR2, previous)
+    assert str(stopped.value) == ("robustexp: stopped by SIGUSR2 after writing /runs/r/checkpoints/last.pt; "
+                                  "submitit requeued the job")

@@ -17,8 +17,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from robustexp.config import instantiate_component
-from robustexp.data.synthetic import (BASIC_LAUNCHER, cut_list, mark_run, matching_keys, override_value,
-                                      smoke_overrides, synthetic_like)
+from robustexp.data.synthetic import (
+    BASIC_LAUNCHER,
+    cut_list,
+    mark_run,
+    matching_keys,
+    override_value,
+    smoke_overrides,
+    synthetic_like,
+)
 from robustexp.errors import ConfigError
 from robustexp.main import CONFIG_DIR
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from robustexp.adaptation import BatchNormAdaptation
-from robustexp.adaptation.tent import TentAdaptation, softmax_entropy
+from robustexp.adaptation.tent import TentAdaptation
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext
+from robustexp.losses import softmax_entropy
 from robustexp.main import run
 from tests.conftest import compose_config, subset_b_alone_and_after_a, trained_like_cnn
 

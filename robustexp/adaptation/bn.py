@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from robustexp.adaptation.base import TestTimeAdaptation
 from robustexp.errors import ConfigError
 
 MODES = ("prior", "momentum", "full")
@@ -63,7 +64,7 @@ def mix_statistics(source_mean, source_var, target_mean, target_var, weight_on_t
     return mean, var
 
 
-class BatchNormAdaptation:
+class BatchNormAdaptation(TestTimeAdaptation):
     """Adapt the BatchNorm statistics of a model at test time.
 
     Args:
@@ -94,12 +95,14 @@ class BatchNormAdaptation:
         self.mode, self.prior_strength, self.momentum = mode, prior_strength, momentum
         self.batch_size, self.mix, self.test_variance = batch_size, mix, test_variance
         self.freeze_after = freeze_after
-        self.full = mode == "full"
+        self.estimates_subset = mode == "full"
         self._layers: list[tuple[str, _BatchNorm]] = []
         self._source: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks = []
         self._state = "adapt"   # adapt | frozen | accumulate | off
         self._sums: dict[int, list] = {}
+
+    freezable = True
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module) -> BatchNormAdaptation:
@@ -183,6 +186,23 @@ class BatchNormAdaptation:
             layer.running_var.copy_(var.clamp_min(0).to(layer.running_var.dtype))
         self._state = "frozen"
 
+    def prepare_subset(self, model: nn.Module, batches: Iterable, device: torch.device) -> None:
+        if self.estimates_subset:
+            self.estimate_full(model, batches, device)
+
+    def label(self) -> str:
+        """``bn-prior-N16-n8``, ``bn-momentum-rho1-n512-std``, ``bn-full``."""
+        label = f"bn-{self.mode}"
+        if self.mode == "prior":
+            label += f"-N{self.prior_strength:g}"
+        if self.mode == "momentum":
+            label += f"-rho{self.momentum:g}"
+        if self.batch_size:
+            label += f"-n{self.batch_size}"
+        if self.mix != "variance":
+            label += f"-{self.mix}"
+        return label
+
     def describe(self) -> str:
         if self.mode == "prior":
             what = f"prior N={self.prior_strength:g}, n={self.batch_size}"
@@ -191,22 +211,3 @@ class BatchNormAdaptation:
         else:
             what = "full (whole subset)"
         return f"BN adaptation, {what}, {self.test_variance} test variance mixed on the {self.mix}"
-
-
-class NoAdaptation:
-    """The model as trained (for the comparison column)."""
-
-    full = False
-    batch_size = None
-
-    def attach(self, model):
-        return self
-
-    def detach(self):
-        pass
-
-    def reset(self):
-        pass
-
-    def describe(self) -> str:
-        return "no adaptation"

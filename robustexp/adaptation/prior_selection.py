@@ -13,10 +13,12 @@ variants ``partial_N<N>`` at n = 8, with three evaluators:
 
 * ``corruptions`` (:class:`~robustexp.evaluation.corruptions.CorruptionEvaluator`): the 15 test
   corruptions, whose mCE / mCA / mean_uCE are the reported numbers;
-* ``holdout`` (:class:`robustexp.evaluation.prior_selection.HoldoutCorruptionEvaluator`): the 4 hold-out corruptions (speckle noise,
+* ``holdout`` (:class:`robustexp.evaluation.prior_selection.HoldoutCorruptionEvaluator`): the 4
+  hold-out corruptions (speckle noise,
   gaussian blur, spatter, saturate) with summary keys prefixed ``holdout_`` so that they do not
   overwrite the test corruptions' (together the two evaluate all 19 corruptions);
-* ``prop1`` (:class:`robustexp.evaluation.prior_selection.Prop1PriorEvaluator`): source and hold-out target BN statistics of the
+* ``prop1`` (:class:`robustexp.evaluation.prior_selection.Prop1PriorEvaluator`): source and hold-out
+  target BN statistics of the
   unadapted model and the N of Proposition 1 (once per run).
 
 :class:`PriorSelectionReport` (the adaptation config's ``report``) then picks N by the chosen rule
@@ -30,9 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from robustexp.errors import ConfigError
-from robustexp.evaluation.report import format_table
+from robustexp.rendering import format_table
 
 RULES = ("holdout_mce", "prop1_L", "prop1_U")
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from robustexp.adaptation.base import NoAdaptation, TestTimeAdaptation
+from robustexp.config import instantiate_component
 from robustexp.errors import ConfigError
 
 
@@ -30,6 +32,30 @@ def expand_grid(grid: DictConfig | Mapping) -> dict[str, tuple[dict[str, Any], d
         point = dict(zip(axes, values))
         out[label.format(**point)] = ({**grid["template"], **point}, point)
     return out
+
+
+def adaptation_variants(node: DictConfig | None) -> tuple[dict[str, TestTimeAdaptation], dict[str, dict]]:
+    """The evaluation variants of a run: ``{"none": NoAdaptation()}`` without ``+adaptation``;
+    otherwise the config's ``variants`` and the combinations of its ``grid`` (:func:`expand_grid`),
+    preceded by the unadapted model (``none``) unless ``evaluate_unadapted: false``. Also returns
+    the grid points (``{label: {axis: value}}``) for the sweep's report."""
+    if not node:
+        return {"none": NoAdaptation()}, {}
+    variants: dict[str, TestTimeAdaptation] = {"none": NoAdaptation()} if node.get("evaluate_unadapted", True) else {}
+    configs = dict(node.get("variants") or {})
+    points = {}
+    if node.get("grid"):
+        for label, (variant, point) in expand_grid(node.grid).items():
+            configs[label], points[label] = variant, point
+    for name, variant in configs.items():
+        if name == "none":
+            raise ConfigError("adaptation variant name 'none' is reserved for the unadapted model")
+        adaptation = instantiate_component(variant)
+        if not isinstance(adaptation, TestTimeAdaptation):
+            raise ConfigError(f"adaptation variant {name!r}: {type(adaptation).__name__} does not implement "
+                              "robustexp.adaptation.base.TestTimeAdaptation")
+        variants[name] = adaptation
+    return variants, points
 
 
 class SweepReport:

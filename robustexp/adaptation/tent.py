@@ -42,20 +42,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from robustexp.adaptation.base import TestTimeAdaptation
 from robustexp.adaptation.bn import batchnorm_layers
 from robustexp.errors import ConfigError
+from robustexp.losses import softmax_entropy
 
 OPTIMIZERS = ("sgd", "adam")
 _STAT_BUFFERS = ("running_mean", "running_var")
 
 
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``-sum_c p_c log p_c`` of the softmax of each row of (N, C) logits (natural log)."""
-    logits = logits.float()
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-class TentAdaptation:
+class TentAdaptation(TestTimeAdaptation):
     """Tent test-time adaptation (entropy minimization over the BN affine parameters).
 
     Args:
@@ -70,8 +66,7 @@ class TentAdaptation:
         batch_size: n, images per test batch (the evaluators use it as their batch size; None: theirs).
     """
 
-    full = False           # no pass over the whole subset before predicting
-    freeze_after = False   # adapts on every batch
+    updates_weights = True  # an entropy-minimization step on every batch: batches depend on the ones before
 
     def __init__(self, optimizer: str = "adam", lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = True, beta1: float = 0.9, steps: int = 1, episodic: bool = False,
@@ -219,6 +214,9 @@ class TentAdaptation:
             if self.episodic:
                 self.reset()
         return logits.detach()
+
+    def label(self) -> str:
+        return f"tent-{self.optimizer_name}-lr{self.lr:g}-steps{self.steps}" + ("-episodic" if self.episodic else "")
 
     def describe(self) -> str:
         if self.optimizer_name == "sgd":

@@ -36,8 +36,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from robustexp.data.base import Augmentation, DataSplits, TensorImageDataset
 from robustexp.data.embedded import MNIST_MEAN, MNIST_STD
-from robustexp.data.ondisk import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, FASHION_MEAN, FASHION_STD,
-                                   IMAGENET_MEAN, IMAGENET_STD)
+from robustexp.data.ondisk import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    FASHION_MEAN,
+    FASHION_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
 from robustexp.errors import ConfigError
 from robustexp.utils import atomic_write_bytes, atomic_write_json, derive_seed
 
@@ -256,7 +264,8 @@ class SmokeRun(Callback):
     def __init__(self, banner: str, set: Mapping[str, Any] | None = None,  # noqa: A002 (the config's key)
                  limit: Mapping[str, int | float] | None = None, corruptions: Mapping[str, str] | None = None,
                  launcher: str | None = BASIC_LAUNCHER):
-        to_plain = (lambda m: OmegaConf.to_container(m, resolve=True) if OmegaConf.is_config(m) else dict(m or {}))
+        def to_plain(m):
+            return (OmegaConf.to_container(m, resolve=True) if OmegaConf.is_config(m) else dict(m or {}))
         self.banner = str(banner).strip()
         self.set_values, self.limits, self.corruptions = to_plain(set), to_plain(limit), to_plain(corruptions)
         self.launcher = launcher
@@ -330,7 +339,7 @@ class SmokeRun(Callback):
         if OmegaConf.select(config, "hydra.mode") == RunMode.RUN:
             run_dir = Path(config.hydra.runtime.output_dir)
         else:
-            from robustexp.main import run_directory
+            from robustexp.run_id import run_directory
 
             run_dir = run_directory(_task_config(config))
         mark_run(run_dir, self.banner, self.applied)

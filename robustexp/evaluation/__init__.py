@@ -3,7 +3,7 @@
 from robustexp.evaluation.base import EvalContext, Evaluator
 from robustexp.evaluation.clean import CleanEvaluator
 from robustexp.evaluation.corruptions import CorruptionEvaluator, MixedCorruptionEvaluator
-from robustexp.evaluation.shift import ShiftEvaluator
+from robustexp.evaluation.covariate_shift import ShiftEvaluator
 
 __all__ = ["CleanEvaluator", "CorruptionEvaluator", "EvalContext", "Evaluator", "MixedCorruptionEvaluator",
            "ShiftEvaluator"]

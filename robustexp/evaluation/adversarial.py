@@ -31,11 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustexp.adaptation.bn import batchnorm_layers
+from robustexp.adaptation.freeze import FrozenStatisticsGuard, adapt_and_freeze, check_freezable
 from robustexp.attacks import check_norm, pgd, random_start
+from robustexp.data.batches import test_batches
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, test_batches
-from robustexp.evaluation.certify import FrozenStatisticsGuard, adapt_and_freeze, check_freezable
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.rendering import format_table
 from robustexp.utils import derive_seed
 
 EOT_LOSSES = ("log_mean_prob", "mean_ce")
@@ -109,8 +110,7 @@ def defended_predictions(model: nn.Module, adaptation, images: torch.Tensor) -> 
         return model(images).argmax(1)
     adaptation.reset()
     try:
-        if getattr(adaptation, "full", False):
-            adaptation.estimate_full(model, [(images, None)], images.device)
+        adaptation.prepare_subset(model, [(images, None)], images.device)  # full: this batch's statistics
         return model(images).argmax(1)
     finally:
         adaptation.reset()
@@ -203,7 +203,7 @@ class AdversarialEvaluator(Evaluator):
 
     def evaluate(self, model, data, ctx: EvalContext):
         adaptation = check_freezable(ctx.adaptation, "pgd")
-        batch_size = (getattr(adaptation, "batch_size", None) or self.batch_size) if adaptation else self.batch_size
+        batch_size = (adaptation.batch_size if adaptation is not None else None) or self.batch_size
         results = {}
         for name, spec in self.attacks.items():
             start = time.perf_counter()
@@ -234,7 +234,7 @@ class AdversarialEvaluator(Evaluator):
                 results[name].update(eot_samples=self.eot_samples, eot_loss=self.eot_loss,
                                      eot_max_bn_mean_spread=max(spreads) if spreads else 0.0)
             ctx.log({f"pgd/{name}/robust_top1": results[name]["robust_top1"]})
-        return {"attacks": results, "adaptation": adaptation.describe() if adaptation else None}
+        return {"attacks": results, "adaptation": adaptation.describe() if adaptation is not None else None}
 
     def table(self, results):
         rows = []

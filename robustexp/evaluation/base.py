@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from robustexp import distributed
+from robustexp.adaptation.base import NoAdaptation, TestTimeAdaptation
 from robustexp.data.base import DataSplits
 from robustexp.evaluation.metrics import AccuracyMeter
 
@@ -24,8 +24,13 @@ class EvalContext:
     progress: bool = True
     num_workers: int = 0
     log: Callable[[dict[str, Any]], None] = lambda metrics: None
-    adaptation: Any = None   # a test-time adaptation attached to the model (robustexp.adaptation), or None
+    # the test-time adaptation attached to the model for this evaluation (NoAdaptation: the model as trained)
+    adaptation: TestTimeAdaptation = field(default_factory=NoAdaptation)
     suffix: str = ""         # "@<mode>+<variant>" of this evaluation in metrics.json ("" for the plain model)
+
+    def __post_init__(self):
+        if self.adaptation is None:  # accepted for the model as trained
+            self.adaptation = NoAdaptation()
 
 
 class Evaluator:
@@ -50,44 +55,11 @@ class Evaluator:
         """(label, top-1 %) rows for the table that compares adaptation variants."""
         return []
 
-
-EVALUATION_ORDER_SEED = 20201  # fixed: every run, evaluator and corrupted subset sees the same order
-
-
-def evaluation_order(n_images: int, max_images: int | None = None) -> torch.Tensor:
-    """The order in which every evaluator visits a test set of ``n_images``: one fixed random
-    permutation, truncated to ``max_images`` (a random subset, not the first images).
-
-    Test sets are often stored sorted by class (ImageFolder trees, the embedded digits); batches
-    drawn in that order would hold one class each, which test-time adaptation would normalize
-    away. The papers adapt on shuffled, i.i.d. test batches; so do we, in every evaluation."""
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(EVALUATION_ORDER_SEED))
-    return order[:max_images] if max_images is not None else order
-
-
-def test_batches(dataset: Dataset, batch_size: int, ctx: EvalContext, max_images: int | None = None
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test split (or a corrupted copy of it, item for item) in :func:`evaluation_order`."""
-    subset = torch.utils.data.Subset(dataset, evaluation_order(len(dataset), max_images).tolist())
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=ctx.num_workers,
-                        pin_memory=ctx.device.type == "cuda")
-    yield from loader
-
-
-def rebatch(batches, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Regroup a stream of (images, labels) batches into batches of exactly ``batch_size``
-    (the last one may be smaller)."""
-    pending_x, pending_y, count = [], [], 0
-    for images, labels in batches:
-        pending_x.append(images)
-        pending_y.append(labels)
-        count += len(labels)
-        while count >= batch_size:
-            x, y = torch.cat(pending_x), torch.cat(pending_y)
-            yield x[:batch_size], y[:batch_size]
-            pending_x, pending_y, count = [x[batch_size:]], [y[batch_size:]], count - batch_size
-    if count:
-        yield torch.cat(pending_x), torch.cat(pending_y)
+    def derived(self, summary: dict[str, float], suffix: str) -> dict[str, float]:
+        """Summary numbers this evaluator derives from the summary of one mode and variant (keys
+        end in ``suffix``), computed after every evaluator of that variant has run: numbers that
+        combine several evaluations, such as the clean-to-corrupted gap."""
+        return {}
 
 
 def evaluate_batches(model: nn.Module, batches, device: torch.device,
@@ -137,18 +109,16 @@ def evaluate_subset(model: nn.Module, make_batches: Callable[[int], Iterator], c
     first estimates the statistics over the whole subset (on every rank, over all of it).
     In a multi-process run the predictions are sharded over ranks (see :func:`evaluate_batches`)."""
     adaptation = ctx.adaptation
-    if adaptation is None:
+    if not adaptation.adapts:
         return evaluate_batches(model, make_batches(batch_size), ctx.device, shard=True)
-    n = getattr(adaptation, "batch_size", None) or batch_size
     adaptation.reset()
     try:
-        if getattr(adaptation, "full", False):
-            adaptation.estimate_full(model, make_batches(batch_size), ctx.device)
-        freeze = adaptation.freeze if getattr(adaptation, "freeze_after", False) else None
-        predict = getattr(adaptation, "predict", None)
+        adaptation.prepare_subset(model, make_batches(batch_size), ctx.device)  # full: the whole subset first
         # batches are independent unless the adaptation carries state from batch to batch
         # (adapt-then-freeze, Tent): those run whole on every rank, so results never depend on K
-        return evaluate_batches(model, make_batches(n), ctx.device, after_first_batch=freeze, predict=predict,
-                                shard=freeze is None and predict is None)
+        return evaluate_batches(model, make_batches(adaptation.batch_size or batch_size), ctx.device,
+                                after_first_batch=adaptation.freeze if adaptation.freeze_after else None,
+                                predict=adaptation.predict if adaptation.updates_weights else None,
+                                shard=adaptation.independent_batches)
     finally:
         adaptation.reset()

@@ -21,9 +21,10 @@ BN statistics (SPEC, "Randomized smoothing"): under a test-time adaptation, the 
 set once per sigma from one batch of sigma-noised *distinct* test images (Nandy et al.: "we first
 modulate the BN statistics ... by feeding the Gaussian noise augmented test batches ... We then
 freeze the parameters for the whole certification process") and frozen, so that a forward pass
-of noisy copies of one image never sets them; :class:`FrozenStatisticsGuard` checks that every
-BN buffer is unchanged after certifying. The adaptations of :mod:`robustexp.adaptation.bn` keep
-the model in eval mode and write the adapted statistics into the running buffers, so
+of noisy copies of one image never sets them;
+:class:`~robustexp.adaptation.freeze.FrozenStatisticsGuard` checks that every BN buffer is unchanged
+after certifying. The adaptations of :mod:`robustexp.adaptation.bn` keep the model in eval mode
+and write the adapted statistics into the running buffers, so
 ``model.eval()`` keeps the adaptation (and ``model.train()`` is never called here).
 """
 
@@ -44,10 +45,11 @@ from scipy.stats import binomtest, norm
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustexp.adaptation.bn import NoAdaptation, batchnorm_layers
+from robustexp.adaptation.freeze import FrozenStatisticsGuard, check_freezable, frozen_adaptation
+from robustexp.data.batches import evaluation_order
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluation_order
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.rendering import format_table
 from robustexp.utils import derive_seed
 
 ABSTAIN = -1
@@ -162,88 +164,16 @@ def predict(model: nn.Module, images: torch.Tensor, sigma: float, n: int, alpha:
     return out
 
 
-# ---------------------------------------------------------------------------------------- frozen BN statistics
-class FrozenStatisticsGuard:
-    """Snapshot of every BN layer's running mean and variance; :meth:`check` raises if any of
-    them changed (a batch of noisy copies of one image must never set them, SPEC)."""
-
-    def __init__(self, model: nn.Module, what: str):
-        self.what = what
-        self.layers = batchnorm_layers(model)
-        self.saved = [(layer.running_mean.clone(), layer.running_var.clone()) for _, layer in self.layers
-                      if layer.running_mean is not None]
-
-    def check(self) -> None:
-        for (name, layer), (mean, var) in zip(self.layers, self.saved):
-            if not (torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)):
-                raise RuntimeError(f"{self.what}: the BN statistics of layer {name!r} changed while the model "
-                                   "was to be frozen (noisy copies or adversarial iterates set them)")
-
-
-def check_freezable(adaptation, evaluator: str):
-    """The adaptation to adapt-then-freeze with, or None for the unadapted model. Only BN
-    statistics adaptations can be frozen; Tent (gradient steps on every batch) cannot."""
-    if adaptation is None or isinstance(adaptation, NoAdaptation):
-        return None
-    if getattr(adaptation, "predict", None) is not None or not hasattr(adaptation, "freeze"):
-        raise ConfigError(f"eval {evaluator}: the adaptation {type(adaptation).__name__} cannot be adapted on one "
-                          "batch and frozen; use a BN statistics adaptation (robustexp.adaptation.BatchNormAdaptation)")
-    return adaptation
-
-
-def adapt_and_freeze(model: nn.Module, adaptation, images: torch.Tensor) -> None:
-    """Nandy et al. Sec. 3: set the BN statistics from one batch of (perturbed) test images with
-    the adaptation's rule (prior, momentum rho or full) and freeze them. The model stays in eval
-    mode: the adaptation lives in the running buffers."""
-    adaptation.reset()
-    model.eval()
-    with torch.no_grad():
-        if getattr(adaptation, "full", False):
-            adaptation.estimate_full(model, [(images, None)], images.device)  # leaves them frozen
-        else:
-            model(images)
-            adaptation.freeze()
-
-
-@contextmanager
-def frozen_adaptation(model: nn.Module, adaptation, images: torch.Tensor | None):
-    """``adapt_and_freeze`` on entry (nothing without an adaptation), back to the source
-    statistics on exit."""
-    if adaptation is None:
-        model.eval()
-        yield
-        return
-    try:
-        adapt_and_freeze(model, adaptation, images)
-        yield
-    finally:
-        adaptation.reset()
-
-
 def file_suffix(ctx: EvalContext) -> str:
     """What the file names of this evaluation carry after ``certify``: the runner's
     ``ctx.suffix`` (``@<mode>+<variant>``, as in metrics.json; empty for the plain model); for a
-    context without one but with an adaptation, ``@`` and a label from the adaptation's parameters
+    context without one but with an adaptation, ``@`` and the adaptation's label
     (``@bn-momentum-rho1-n512``), so that variants evaluated into one directory never collide."""
     given = getattr(ctx, "suffix", "")
     if given:
         return re.sub(r"[^A-Za-z0-9@.+=-]+", "-", str(given))
-    adaptation = ctx.adaptation
-    if adaptation is None or isinstance(adaptation, NoAdaptation):
-        return ""
-    mode = getattr(adaptation, "mode", None)
-    if mode is None:
-        return "@" + type(adaptation).__name__.lower()
-    label = f"@bn-{mode}"
-    if mode == "prior":
-        label += f"-N{adaptation.prior_strength:g}"
-    if mode == "momentum":
-        label += f"-rho{adaptation.momentum:g}"
-    if getattr(adaptation, "batch_size", None):
-        label += f"-n{adaptation.batch_size}"
-    if getattr(adaptation, "mix", "variance") != "variance":
-        label += f"-{adaptation.mix}"
-    return label
+    label = ctx.adaptation.label() if ctx.adaptation is not None else ""
+    return "@" + label if label else ""
 
 
 @contextmanager
@@ -363,7 +293,7 @@ class CertifyEvaluator(Evaluator):
         adaptation = check_freezable(ctx.adaptation, "certify")
         suffix = file_suffix(ctx)
         indices = evaluation_order(len(data.test), self.max_images)
-        n_adapt = (getattr(adaptation, "batch_size", None) or self.adapt_batch_size) if adaptation else 0
+        n_adapt = (adaptation.batch_size or self.adapt_batch_size) if adaptation is not None else 0
         start, sampling_seconds, samples = time.perf_counter(), 0.0, 0
         per_sigma, rows = {}, []
         radius_by_sigma, correct_by_sigma, partials = [], [], []
@@ -372,7 +302,7 @@ class CertifyEvaluator(Evaluator):
         with model_memory_format(model, self.memory_format, ctx.device) as memory_format:
             for sigma in self.sigmas:
                 adapt_batch = noisy_adaptation_batch(data.test, min(n_adapt, len(data.test)), sigma, self.seed,
-                                                     ctx.device) if adaptation else None
+                                                     ctx.device) if adaptation is not None else None
                 with frozen_adaptation(model, adaptation, adapt_batch):
                     guard = FrozenStatisticsGuard(model, f"eval certify sigma={sigma:g}")
                     base = fold_frozen_batchnorm(model) if self.fold_bn else model
@@ -411,14 +341,15 @@ class CertifyEvaluator(Evaluator):
         png_path = None
         if self.plot:
             png_path = run_dir / f"certify{suffix}.png"
-            how = adaptation.describe() if adaptation else "no adaptation"
+            how = adaptation.describe() if adaptation is not None else "no adaptation"
             plot_certified_accuracy(np.stack(radius_by_sigma), np.stack(correct_by_sigma), env_radius, self.sigmas,
                                     png_path, title=f"{data.name}, {how}\nCERTIFY n={self.n}, alpha={self.alpha:g}")
         ctx.log({f"certify/envelope/certified_acc_r{r}": a * 100 for r, a in envelope["certified_accuracy"].items()})
         for partial in partials:  # the CSV files hold everything now
             partial.unlink(missing_ok=True)
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "predict_n": self.predict_n, "images": len(indices),
-                "adaptation": adaptation.describe() if adaptation else None, "adapt_batch_size": n_adapt or None,
+                "adaptation": adaptation.describe() if adaptation is not None else None,
+                "adapt_batch_size": n_adapt or None,
                 "memory_format": str(memory_format).removeprefix("torch."), "fold_bn": self.fold_bn,
                 "sigmas": per_sigma,
                 "envelope": envelope, "samples": samples,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
+from robustexp.data.batches import test_batches
+from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset
 from robustexp.evaluation.metrics import check_rms_binning, select_rms_binning
-from robustexp.evaluation.report import format_table
+from robustexp.rendering import format_table
 
 
 class CleanEvaluator(Evaluator):

@@ -9,14 +9,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from robustexp.data.batches import test_batches
 from robustexp.data.corruptions.names import FAMILY_SEVERITIES, TEST_CORRUPTIONS, resolve_corruptions
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, test_batches
-from robustexp.evaluation.metrics import (ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, AccuracyMeter, check_rms_binning,
-                                          corruption_errors, corruption_summary, mean_corruption_error,
-                                          select_rms_binning)
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset
+from robustexp.evaluation.metrics import (
+    ALEXNET_CLEAN_ERROR,
+    ALEXNET_ERRORS,
+    AccuracyMeter,
+    check_rms_binning,
+    corruption_errors,
+    corruption_summary,
+    mean_corruption_error,
+    select_rms_binning,
+)
+from robustexp.rendering import format_table
 from robustexp.utils import read_json
 
 
@@ -184,6 +192,13 @@ class CorruptionEvaluator(Evaluator):
                             corrupted_ece=cal["ece_mean"], corrupted_ece_pooled=cal["ece_pooled"])
         return headline
 
+    def derived(self, summary, suffix):
+        """The clean-to-corrupted gap, clean top-1 - mCA (Nandy et al. Table 3), where the clean
+        evaluator ran under the same mode and variant."""
+        if "mCA" + suffix in summary and "clean_top1" + suffix in summary:
+            return {"clean_gap" + suffix: summary["clean_top1" + suffix] - summary["mCA" + suffix]}
+        return {}
+
     def compare_rows(self, results):
         s = results["summary"]
         rows = [(name, p["top1_mean"]) for name, p in s["per_corruption"].items()]
@@ -235,34 +250,31 @@ class MixedCorruptionEvaluator(Evaluator):
         overall = AccuracyMeter(self.rms_binning)
         per_subset = [AccuracyMeter(self.rms_binning) for _ in subsets]
         adaptation = ctx.adaptation
-        batch_size = (getattr(adaptation, "batch_size", None) if adaptation is not None else None) or self.batch_size
+        batch_size = adaptation.batch_size or self.batch_size
 
         def batches(n):
             return self._mixed_batches(data, subsets, subset_of, index_in, order, n, ctx.progress)
 
         model.eval()
         try:
-            if adaptation is not None:
-                adaptation.reset()
-                if getattr(adaptation, "full", False):  # statistics of the whole pooled set
-                    adaptation.estimate_full(model, ((x, y) for x, y, _ in batches(self.batch_size)), ctx.device)
-            predict = getattr(adaptation, "predict", None) if adaptation is not None else None
+            adaptation.reset()
+            # full: statistics of the whole pooled set
+            adaptation.prepare_subset(model, ((x, y) for x, y, _ in batches(self.batch_size)), ctx.device)
             for index, (images, labels, owners) in enumerate(batches(batch_size)):
                 images = images.to(ctx.device)
-                if predict is not None:
+                if adaptation.updates_weights:
                     with torch.enable_grad():
-                        logits = predict(model, images).detach()
+                        logits = adaptation.predict(model, images).detach()
                 else:
                     logits = model(images)
-                if index == 0 and adaptation is not None and getattr(adaptation, "freeze_after", False):
+                if index == 0 and adaptation.freeze_after:
                     adaptation.freeze()
                 overall.update(logits, labels.to(ctx.device))
                 for k in torch.unique(owners).tolist():
                     mask = owners == k
                     per_subset[k].update(logits[mask.to(logits.device)], labels[mask].to(ctx.device))
         finally:
-            if adaptation is not None:
-                adaptation.reset()
+            adaptation.reset()
             self.source.close()
         grid: dict[str, dict[str, dict]] = {}
         for (c, s), meter in zip(subsets, per_subset):

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from robustexp.data.batches import test_batches
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, test_batches
-from robustexp.evaluation.report import format_table
-from robustexp.perturbations import clipped_l2_norm, clipping_aware_scale, rescale_to_l2
+from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.models.noise_generator import NoiseGenerator, check_kernel, classifier_frozen
+from robustexp.perturbations import clipped_l2_norm, clipping_aware_scale
+from robustexp.rendering import format_table
 from robustexp.utils import derive_seed
 
 DIRECTIONS = ("gaussian", "uniform", "adversarial")
@@ -31,10 +33,9 @@ def train_adversarial_generator(model, train_set, device, eps_l2: float, steps: 
     a multi-process run trains the same generator."""
     from torch.utils.data import DataLoader
 
-    from robustexp.methods.ant import NoiseGenerator, classifier_frozen
-
     if len(train_set) == 0:
-        raise ConfigError("eps_star: the adversarial noise generator needs training images; the training split is empty")
+        raise ConfigError("eps_star: the adversarial noise generator needs training images; the training split is "
+                          "empty")
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
                         generator=torch.Generator().manual_seed(seed))
     noise_generator, optimizer, done = None, None, 0
@@ -52,8 +53,7 @@ def train_adversarial_generator(model, train_set, device, eps_l2: float, steps: 
                         noise_generator = NoiseGenerator(images.shape[1], kernel=kernel,
                                                          seed=derive_seed(seed, "init")).to(device)
                         optimizer = torch.optim.Adam(noise_generator.parameters(), lr=lr)
-                    delta = noise_generator(noise_generator.sample_input(images.shape, images.device))
-                    loss = F.cross_entropy(model(rescale_to_l2(images, delta, eps_l2)), labels)
+                    loss = F.cross_entropy(model(noise_generator.perturb(images, eps_l2)), labels)
                     optimizer.zero_grad(set_to_none=True)
                     (-loss).backward()
                     optimizer.step()
@@ -167,7 +167,8 @@ class EpsStarEvaluator(Evaluator):
         self.batch_size, self.max_images, self.seed = batch_size, max_images, seed
         self.grid_points, self.bisection_steps, self.criterion = grid_points, bisection_steps, criterion
         self.adversarial_eps_l2, self.adversarial_steps = adversarial_eps_l2, adversarial_steps
-        self.adversarial_kernel, self.adversarial_generators = adversarial_kernel, adversarial_generators
+        self.adversarial_kernel = check_kernel(adversarial_kernel, "eval eps_star adversarial_kernel")
+        self.adversarial_generators = adversarial_generators
         self.adversarial_lr = adversarial_lr
         if "adversarial" in self.directions and adversarial_eps_l2 is None:
             if "gaussian" not in self.directions:

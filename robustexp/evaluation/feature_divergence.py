@@ -25,12 +25,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from robustexp.adaptation.base import require_unadapted
+from robustexp.data.batches import test_batches
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError, DatasetError
-from robustexp.evaluation.base import EvalContext, Evaluator, test_batches
+from robustexp.evaluation.base import EvalContext, Evaluator
 from robustexp.evaluation.corruptions import _subsets
-from robustexp.evaluation.report import format_table, save_figure
 from robustexp.models.dual_bn import DualBatchNorm, dual_bn_layers
+from robustexp.models.splitting import inner_network, split_network
+from robustexp.rendering import format_table, save_figure
 
 CSV_STEM, PLOT_STEM = "feature_divergence", "feature_divergence"
 VARIANCE = ("biased variance over every image and position of the source, plus var_eps (a channel that is "
@@ -111,9 +114,8 @@ def default_layers(net: nn.Module, after: str | None) -> list[str]:
     network without BatchNorm, its convolutions and linear layers. KL (eq. 5) is invariant to the
     same per-channel affine map applied to both sources, so an eval-mode BN's output has the
     divergence of its input (the convolution before it)."""
-    from robustexp.methods.advbn import split_network
-
-    candidates = [(n, m) for n, m in (split_network(net, after)[2] if after else list(net.named_modules())[1:])]
+    option = "eval.evaluators.feature_divergence.after"  # method.layer unless set
+    candidates = split_network(net, after, option)[2] if after else list(net.named_modules())[1:]
     inside_dual = {f"{n}.{b}" for n, _ in dual_bn_layers(net) for b in ("main", "aux")}
     chosen = [n for n, m in candidates if isinstance(m, (_BatchNorm, DualBatchNorm)) and n not in inside_dual]
     if not chosen:
@@ -203,12 +205,8 @@ class FeatureDivergenceEvaluator(Evaluator):
         return _folder_batches(self.reference, data.input_shape, self.batch_size, ctx, self.max_images)
 
     def evaluate(self, model, data, ctx: EvalContext):
-        from robustexp.evaluation.shift import unadapted_copy
-        from robustexp.methods.advbn import inner_network
-
         start = time.perf_counter()
-        if ctx.adaptation is not None:
-            model = unadapted_copy(model, ctx.adaptation)
+        require_unadapted(ctx.adaptation, "feature_divergence")  # the features of the model as trained
         net = inner_network(model)
         layers = self._layers(net)
         suffix = _branch_suffix(net)

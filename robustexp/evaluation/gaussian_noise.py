@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from robustexp.data.batches import rebatch
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset, rebatch
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_subset
+from robustexp.rendering import format_table
 from robustexp.utils import derive_seed
 
 NOISE_CHUNK = 250  # noise is drawn per chunk of this many images, so it does not depend on the batch size
@@ -100,9 +101,8 @@ class GaussianNoiseEvaluator(Evaluator):
             ctx.log({f"gaussian_noise/sigma{sigma:g}/top1": mean})
         adaptation = ctx.adaptation
         return {"sigmas": results, "repetitions": self.repetitions, "images": n_images, "clip": self.clip,
-                "batch_size": (getattr(adaptation, "batch_size", None) if adaptation is not None else None)
-                or self.batch_size,
-                "adaptation": adaptation.describe() if adaptation is not None else None,
+                "batch_size": adaptation.batch_size or self.batch_size,
+                "adaptation": adaptation.describe() if adaptation.adapts else None,
                 "seconds": time.perf_counter() - start}
 
     def table(self, results):

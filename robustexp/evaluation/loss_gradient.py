@@ -8,9 +8,9 @@ clipped, as in Table 1). The loss gradient of an image is ``grad_x CE(f(x), y)``
 * without adaptation: the BN layers normalize with the source (training) statistics;
 * with adaptation (when the run evaluates a BN adaptation variant): the BN statistics are first
   adapted on the batch of sigma-noised test images with the adaptation's rule (rho, n) and frozen
-  (:func:`robustexp.evaluation.certify.adapt_and_freeze`), as for certification and attacks (SPEC:
+  (:func:`robustexp.adaptation.freeze.adapt_and_freeze`), as for certification and attacks (SPEC:
   BN statistics used while taking gradients are frozen); the gradient is then that of one fixed
-  network. :class:`~robustexp.evaluation.certify.FrozenStatisticsGuard` checks that no forward or
+  network. :class:`~robustexp.adaptation.freeze.FrozenStatisticsGuard` checks that no forward or
   backward pass changed them.
 
 Visualization ("We scale, translate and clip the loss-gradient values for visualization, without
@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustexp.adaptation.freeze import FrozenStatisticsGuard, adapt_and_freeze, check_freezable
+from robustexp.data.batches import evaluation_order
 from robustexp.errors import ConfigError
-from robustexp.evaluation.base import EvalContext, Evaluator, evaluation_order
-from robustexp.evaluation.certify import FrozenStatisticsGuard, adapt_and_freeze, check_freezable, file_suffix
-from robustexp.evaluation.report import format_table
+from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.evaluation.certify import file_suffix
+from robustexp.rendering import format_table
 from robustexp.utils import derive_seed
 
 STEM = "loss_gradient"
@@ -130,7 +132,7 @@ class LossGradientEvaluator(Evaluator):
     def evaluate(self, model, data, ctx: EvalContext):
         start = time.perf_counter()
         adaptation = check_freezable(ctx.adaptation, "loss_gradient")
-        n_adapt = (getattr(adaptation, "batch_size", None) or self.adapt_batch_size) if adaptation else 0
+        n_adapt = (adaptation.batch_size or self.adapt_batch_size) if adaptation is not None else 0
         n_total = min(len(data.test), max(self.n_images, n_adapt))
         indices = evaluation_order(len(data.test), n_total).tolist()
         clean = torch.stack([data.test[i][0] for i in indices]).to(ctx.device)

@@ -15,13 +15,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from robustexp.adaptation.base import require_unadapted
 from robustexp.adaptation.bn import BatchNormAdaptation, batchnorm_layers
-from robustexp.adaptation.shift import prop1_bounds
+from robustexp.adaptation.shift_measures import prop1_bounds
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator
 from robustexp.evaluation.corruptions import CorruptionEvaluator, _subsets
-from robustexp.evaluation.report import format_table
+from robustexp.rendering import format_table
 
 PAPER_N_GRID = tuple(2 ** k for k in range(11))  # Sec. 4: N in {2^0, ..., 2^10}
 
@@ -82,7 +83,7 @@ def prop1_curves(source_stats: Mapping[str, Sequence], target_stats: Sequence[Ma
 
     ``source_stats[layer] = (mu_s, var_s)`` per channel; ``target_stats`` one such mapping per
     target subset (e.g. per hold-out corruption x severity). For each subset and BN layer,
-    :func:`robustexp.adaptation.shift.prop1_bounds` gives the bounds averaged over the layer's
+    :func:`robustexp.adaptation.shift_measures.prop1_bounds` gives the bounds averaged over the layer's
     channels; they are then averaged over layers (plain mean) and over subsets (plain mean).
 
     ``normalized=True`` applies the proposition to the statistics after the source normalization
@@ -140,7 +141,7 @@ class Prop1PriorEvaluator(Evaluator):
     summary gets ``prop1_N_L`` and ``prop1_N_U``, the grid values that minimize them.
     """
 
-    per_variant = False
+    per_variant = False  # the runner evaluates it once per mode, on the model as trained
 
     def __init__(self, source: CorruptionSource, corruptions="holdout", severities=None, batch_size: int = 500,
                  max_images: int | None = None, n: int = 8, N_grid: Sequence[float] = PAPER_N_GRID,
@@ -158,11 +159,8 @@ class Prop1PriorEvaluator(Evaluator):
         self.n, self.N_grid, self.alpha, self.normalized = int(n), grid, float(alpha), bool(normalized)
 
     def evaluate(self, model, data, ctx: EvalContext):
-        from robustexp.evaluation.shift import unadapted_copy
-
         start = time.perf_counter()
-        if ctx.adaptation is not None:
-            model = unadapted_copy(model, ctx.adaptation)
+        require_unadapted(ctx.adaptation, "prop1")  # the source statistics of the model as trained
         layers = batchnorm_layers(model)
         if not layers:
             raise ConfigError(f"the prop1 evaluator needs BatchNorm statistics; {type(model).__name__} has no "

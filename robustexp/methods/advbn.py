@@ -42,7 +42,6 @@ the clean features.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
@@ -54,6 +53,7 @@ from robustexp.attacks import pgd
 from robustexp.errors import ConfigError
 from robustexp.methods.base import TrainingMethod
 from robustexp.models.dual_bn import BRANCHES, bn_branch, convert_to_dual_bn, dual_bn_layers
+from robustexp.models.splitting import inner_network, split_network
 
 log = logging.getLogger(__name__)
 
@@ -146,44 +146,7 @@ class AdvBN(nn.Module):
         return delta_mu.detach(), delta_sigma.detach()
 
 
-# ---------------------------------------------------------------------------- splitting a network
-def inner_network(model: nn.Module) -> nn.Module:
-    """The network inside :class:`~robustexp.models.build.NormalizedClassifier` (``model.net``),
-    or the model itself; layer names are relative to it."""
-    net = getattr(model, "net", None)
-    return net if isinstance(net, nn.Module) else model
-
-
-def _unknown_layer(layer: str, names: list[str], net: nn.Module) -> ConfigError:
-    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-    shallow = [n for n in names if n.count(".") <= 1]
-    listed = names if len(names) <= 60 else shallow
-    note = "" if len(names) <= 60 else f" (names up to depth 2 of {len(names)}; any nested name works too)"
-    hint = f" Did you mean {close}?" if close else ""
-    return ConfigError(f"method.layer={layer!r} is not a module of {type(net).__name__}.{hint} Valid names{note}: "
-                       f"{listed}")
-
-
-def split_network(net: nn.Module, layer: str) -> tuple[nn.Module, list[tuple[str, nn.Module]],
-                                                          list[tuple[str, nn.Module]]]:
-    """``(layer module, front modules, rear modules)`` of ``net`` split after ``layer``.
-
-    Front: the modules registered before ``layer`` (other than its ancestors), ``layer`` and its
-    submodules; rear: the modules registered after them. Ancestors of ``layer`` (containers)
-    belong to neither; parameters they hold themselves count as front (they are used before the
-    layer's blocks, as a ViT's position embedding)."""
-    names = [n for n, _ in net.named_modules()][1:]  # pre-order: a module is followed by its submodules
-    if not layer or layer not in names:
-        raise _unknown_layer(layer, names, net)
-    modules = dict(net.named_modules())
-    index = names.index(layer)
-    inside = [n for n in names if n == layer or n.startswith(layer + ".")]
-    ancestors = {layer.rsplit(".", k)[0] for k in range(1, layer.count(".") + 1)}
-    front = [n for n in names[:index] if n not in ancestors] + inside
-    rear = names[index + len(inside):]
-    return modules[layer], [(n, modules[n]) for n in front], [(n, modules[n]) for n in rear]
-
-
+# ---------------------------------------------------------------------------- helpers of the split network
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
@@ -309,7 +272,7 @@ class AdvBNTraining(_AuxBNMethod):
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Split the network, freeze the front, convert the rear's BatchNorms into main + auxiliary."""
         net = inner_network(model)
-        self.insertion, front, rear = split_network(net, self.layer)
+        self.insertion, front, rear = split_network(net, self.layer, "method.layer")
         self.front = [m for _, m in front]
         self.front_names = [n for n, _ in front]
         self.rear_names = [n for n, _ in rear]

@@ -32,8 +32,8 @@ from torch import nn
 
 from robustexp.attacks import check_norm, pgd
 from robustexp.errors import ConfigError
+from robustexp.losses import kl_divergence, trades_kl
 from robustexp.methods.base import TrainingMethod
-from robustexp.methods.magn import kl_divergence
 
 DEFAULT_EPS = 8 / 255
 
@@ -84,11 +84,6 @@ class PGDAdversarialTraining(_AdversarialMethod):
         logits = model(adversarial)
         loss = F.cross_entropy(logits, labels)
         return loss, {"loss": loss.item(), "adv_acc": (logits.argmax(1) == labels).float().mean().item()}
-
-
-def trades_kl(clean_logits: torch.Tensor, adversarial_logits: torch.Tensor) -> torch.Tensor:
-    """Per-example TRADES robustness term ``KL(p(x) || p(x'))`` (MAGN paper eq. 3)."""
-    return kl_divergence(F.log_softmax(clean_logits, dim=1), F.log_softmax(adversarial_logits, dim=1))
 
 
 class TRADES(_AdversarialMethod):

@@ -40,7 +40,6 @@ not perturbed; the paper's split is 25 % clean, 30 % stylized, 45 % generator no
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import deque
 
@@ -51,65 +50,8 @@ from torch import nn
 from robustexp import distributed
 from robustexp.errors import ConfigError
 from robustexp.methods.base import TrainingMethod
-from robustexp.perturbations import rescale_to_l2
+from robustexp.models.noise_generator import NoiseGenerator, check_kernel, classifier_frozen
 from robustexp.utils import derive_seed
-
-
-@contextlib.contextmanager
-def classifier_frozen(model: nn.Module):
-    """``model`` as a fixed function while a generator trains against it (Rusak et al. Sec. 3.2,
-    eq. 2: the generator maximizes the loss of the current classifier): every module in eval mode
-    (BatchNorm uses and keeps its running statistics and ``num_batches_tracked``; dropout is off),
-    each module's own train/eval flag restored on exit (a module frozen in eval mode stays so)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-class NoiseGenerator(nn.Module):
-    """``g(z) = conv4(relu(conv3(relu(conv2(relu(conv1(z))))))) + z``, channels C-20-20-20-C,
-    weights ~ N(0, 0.01^2), biases 0, so that a new generator outputs (almost) its Gaussian input.
-
-    ``kernel="1x1"``: every convolution is 1x1: pixels are independent (no spatial receptive
-    field). ``kernel="3x3"``: the second convolution is 3x3 without padding, applied to a z of
-    (H + 2, W + 2); the residual is the centre of z.
-    """
-
-    def __init__(self, channels: int, hidden: int = 20, kernel: str = "1x1", init_std: float = 0.01,
-                 seed: int | None = None):
-        super().__init__()
-        if kernel not in ("1x1", "3x3"):
-            raise ConfigError(f"method.kernel={kernel!r}; expected '1x1' or '3x3'")
-        self.kernel, self.channels = kernel, channels
-        self.conv1 = nn.Conv2d(channels, hidden, 1)
-        self.conv2 = nn.Conv2d(hidden, hidden, 3 if kernel == "3x3" else 1)
-        self.conv3 = nn.Conv2d(hidden, hidden, 1)
-        self.conv4 = nn.Conv2d(hidden, channels, 1)
-        rng = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            nn.init.normal_(conv.weight, 0.0, init_std, generator=rng)
-            nn.init.zeros_(conv.bias)
-
-    @property
-    def margin(self) -> int:
-        return 1 if self.kernel == "3x3" else 0
-
-    def input_shape(self, shape) -> tuple[int, int, int, int]:
-        """The shape of z for images of ``shape`` (B, C, H, W): larger by the 3x3 margin."""
-        b, c, h, w = shape
-        return b, c, h + 2 * self.margin, w + 2 * self.margin
-
-    def sample_input(self, shape, device) -> torch.Tensor:
-        return torch.randn(self.input_shape(shape), device=device)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.conv4(F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(z)))))))
-        m = self.margin
-        return out + (z[..., m:z.shape[-2] - m, m:z.shape[-1] - m] if m else z)
 
 
 class AdversarialNoiseTraining(TrainingMethod):
@@ -125,7 +67,7 @@ class AdversarialNoiseTraining(TrainingMethod):
                 and clean_fraction + mix_fraction + current_fraction <= 1):
             raise ConfigError(f"method.clean_fraction + mix_fraction + current_fraction must be within [0, 1], got "
                               f"{clean_fraction} + {mix_fraction} + {current_fraction}")
-        self.eps_l2, self.kernel, self.generator_lr = float(eps_l2), kernel, generator_lr
+        self.eps_l2, self.kernel, self.generator_lr = float(eps_l2), check_kernel(kernel, "method.kernel"), generator_lr
         self.clean_fraction, self.current_fraction = clean_fraction, current_fraction
         self.replay_every, self.replay_size = replay_every, replay_size
         self.restart_every, self.restart_steps = restart_every, restart_steps
@@ -175,8 +117,7 @@ class AdversarialNoiseTraining(TrainingMethod):
     # ------------------------------------------------------------------ noise
     def perturb(self, generator: NoiseGenerator, images: torch.Tensor) -> torch.Tensor:
         """``clip(x + eta g(z))`` with ``||clip(x + eta g(z)) - x||_2 = eps_l2`` per image."""
-        delta = generator(generator.sample_input(images.shape, images.device))
-        return rescale_to_l2(images, delta, self.eps_l2)
+        return generator.perturb(images, self.eps_l2)
 
     def generator_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
         """One Adam step of the generator maximizing the classifier's cross-entropy (eq. 2), with

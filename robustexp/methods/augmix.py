@@ -12,7 +12,6 @@ detached (the gradient of the JS term reaches all three).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,17 +20,8 @@ from torch import nn
 
 from robustexp.data.augmix_ops import OPERATIONS, AugMix
 from robustexp.errors import ConfigError
+from robustexp.losses import jensen_shannon
 from robustexp.methods.base import TrainingMethod
-
-
-def jensen_shannon(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-example generalized Jensen-Shannon divergence of k distributions given as
-    log-probabilities (each (B, classes)): ``(1/k) sum_i KL(p_i || M)``, ``M = (1/k) sum_i p_i``
-    (MAGN paper eq. 5 with k = 3), in nats. ``log M`` is computed with logsumexp, exactly."""
-    stacked = torch.stack(list(log_probs))                                  # (k, B, classes)
-    log_mixture = torch.logsumexp(stacked, dim=0) - math.log(len(stacked))
-    kl = (stacked.exp() * (stacked - log_mixture)).sum(dim=-1)               # (k, B)
-    return kl.mean(dim=0)
 
 
 def augmix_options(severity: float, width: int, depth: int, alpha: float, operations) -> AugMix:

@@ -32,20 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustexp.errors import ConfigError
-from robustexp.methods.augmix import augmix_options, jensen_shannon
+from robustexp.losses import jensen_shannon, magn_regularizer
+from robustexp.methods.augmix import augmix_options
 from robustexp.methods.base import TrainingMethod
-
-
-def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Per-example ``KL(p || q) = sum_c p_c (log p_c - log q_c)`` from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
-
-
-def magn_regularizer(clean_logits: torch.Tensor, noisy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example MAGN term of eq. 6: ``[p(x)]_y * KL(p(x) || p(x + delta))`` (nothing detached)."""
-    log_p, log_q = F.log_softmax(clean_logits, dim=1), F.log_softmax(noisy_logits, dim=1)
-    true_class_probability = log_p.gather(1, labels.view(-1, 1)).squeeze(1).exp()
-    return true_class_probability * kl_divergence(log_p, log_q)
 
 
 def gaussian_noise_per_example(images: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises OSError, EOFError, RuntimeError... for damaged files
-            refused = "Unsupported global" in str(exc) or zipfile.is_zipfile(path)
+            refused = any(text in str(exc) for text in ("Unsupported global", "Weights only load failed")) or \
+                zipfile.is_zipfile(path)
             if isinstance(exc, pickle.UnpicklingError) and refused:
                 # a readable file that holds more than tensors: torch's text names the refused global
                 raise ConfigError(f"model.checkpoint={path}: cannot load it with weights_only=True ({exc})") from exc

@@ -5,7 +5,8 @@ mode take one of
 
 * ``"nearest"``    scipy ``nearest`` / OpenCV ``BORDER_REPLICATE`` (aaa|abcd|ddd),
 * ``"reflect101"`` OpenCV's default ``BORDER_REFLECT_101`` / torch ``reflect`` (cb|abcd|cb),
-* ``"symmetric"``  scipy ``reflect`` (ba|abcd|dc).
+* ``"symmetric"``  scipy ``reflect`` (ba|abcd|dc),
+* ``"constant"``   zeros outside (scipy ``constant`` with cval 0; filter matrices only).
 
 Padding is done with index tensors, so it works for any pad width (pads wider than the image
 included, which happens with large blurs on 28x28 images).
@@ -14,7 +15,7 @@ included, which happens with large blurs on 28x28 images).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -61,11 +62,17 @@ def filter_matrix(n: int, kernel: torch.Tensor, mode: str, device, dtype) -> tor
     if key not in _MATRIX_CACHE:
         k = kernel.numel()
         r = (k - 1) // 2
-        src = pad_index(n, r, r, mode, "cpu")
         rows = torch.arange(n).view(n, 1).expand(n, k)
-        cols = src[torch.arange(n).view(n, 1) + torch.arange(k).view(1, k)]
+        weights = kernel.double().repeat(n)
+        if mode == "constant":  # taps outside the signal read zeros: drop them
+            cols = torch.arange(n).view(n, 1) + torch.arange(-r, r + 1).view(1, k)
+            inside = ((cols >= 0) & (cols < n)).reshape(-1)
+            rows, cols, weights = rows.reshape(-1)[inside], cols.reshape(-1)[inside], weights[inside]
+        else:
+            src = pad_index(n, r, r, mode, "cpu")
+            cols = src[torch.arange(n).view(n, 1) + torch.arange(k).view(1, k)]
         m = torch.zeros(n, n, dtype=torch.float64)
-        m.index_put_((rows.reshape(-1), cols.reshape(-1)), kernel.double().repeat(n), accumulate=True)
+        m.index_put_((rows.reshape(-1), cols.reshape(-1)), weights, accumulate=True)
         _MATRIX_CACHE[key] = m.to(device=device, dtype=dtype)
     return _MATRIX_CACHE[key]
 
@@ -127,7 +134,7 @@ def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tenso
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def scipy_gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
     """The 1-D kernel of ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``),
     float64, cached (do not modify it in place)."""
@@ -187,14 +194,16 @@ def gaussian_filter(x: torch.Tensor, sigma, truncate: float = 4.0, mode: str = "
     """``skimage.filters.gaussian`` / ``scipy.ndimage.gaussian_filter`` over the last two axes,
     as two (block-sparse) matrix products, boundary handling folded into the matrices.
 
-    ``sigma`` is a number or a (sigma_h, sigma_w) pair; skimage's defaults are mode
-    ``nearest`` and truncate 4.
+    ``sigma`` is a number or a (sigma_h, sigma_w) pair; an axis with sigma 0 is left alone (as
+    scipy does for sigma <= 1e-15). skimage's defaults are mode ``nearest`` and truncate 4.
     """
     sh, sw = (sigma, sigma) if not isinstance(sigma, (tuple, list)) else sigma
     h, w = x.shape[-2], x.shape[-1]
-    kh, kw = scipy_gaussian_kernel(sh, truncate), scipy_gaussian_kernel(sw, truncate)
-    x = blocked_filter_matrix(h, kh, mode, x.device, x.dtype).left(x)
-    return blocked_filter_matrix(w, kw, mode, x.device, x.dtype).right(x)
+    if sh > 1e-15:
+        x = blocked_filter_matrix(h, scipy_gaussian_kernel(sh, truncate), mode, x.device, x.dtype).left(x)
+    if sw > 1e-15:
+        x = blocked_filter_matrix(w, scipy_gaussian_kernel(sw, truncate), mode, x.device, x.dtype).right(x)
+    return x
 
 
 def zoom_matrix(n: int, zoom: float, cut: bool, device, dtype) -> BlockedMatrix:

@@ -9,7 +9,8 @@ it), works at any resolution, and runs as batched tensor operations on the input
 
 Structure: each corruption ``X`` is ``_apply_X(x, severity, **draws)`` where ``x`` is the RGB
 batch in [0, 1] (float32) and ``draws`` are its random quantities (noise fields, angles, crop
-offsets ...), plus ``_draw_X(x, severity, generator)`` that samples them with torch. Splitting
+offsets ...), plus ``_draw_X(x, severity, generator)`` that samples them with torch; the table
+:data:`CORRUPTIONS` at the end lists both functions of every corruption. Splitting
 the two lets the fidelity tests feed the *same* random numbers that the reference draws from
 numpy and compare pixel-wise; the engine itself draws with a ``torch.Generator`` seeded from
 ``derive_seed(seed, name, severity)``, one independent draw per image.
@@ -30,7 +31,9 @@ CPU it runs Pillow's codec, as the reference).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -206,7 +209,7 @@ def _apply_glass_blur(x, severity, offsets):
     return _ops.gaussian_filter(y / 255.0, sigma).clamp(0, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _disk_kernel(radius: int, alias_blur: float) -> torch.Tensor:
     """``imagecorruptions.disk``: a normalised aliased disk on a (17 x 17 or 2r+1) grid, smoothed by
     ``cv2.GaussianBlur(ksize=3 or 5, sigma=alias_blur)`` (border reflect-101)."""
@@ -284,7 +287,7 @@ def _apply_snow(x, severity, z, angles):
     return (x + layer + layer.flip(-1, -2)).clamp(0, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _frost_sources() -> tuple[torch.Tensor, ...]:
     """The frost images shipped with ``imagecorruptions`` (read with cv2 like the reference), RGB
     uint8-valued float32 (3, h, w), loaded once."""
@@ -374,8 +377,10 @@ def _apply_frost(x, severity, idx, x_start, y_start):
 
 def plasma_fractal(batch: int, mapsize: int, wibbledecay: float, g, device) -> torch.Tensor:
     """``imagecorruptions.plasma_fractal`` (diamond-square), batched: (batch, mapsize, mapsize) in
-    [0, 1]. The loop runs over the log2(mapsize) scales; each scale is fully vectorised."""
-    assert mapsize & (mapsize - 1) == 0
+    [0, 1]. The loop runs over the log2(mapsize) scales; each scale is fully vectorised. Also the
+    fog of MNIST-C (:mod:`robustexp.data.corruptions.mnist_c`), whose plasma is the same function."""
+    if mapsize < 1 or mapsize & (mapsize - 1):
+        raise ValueError(f"plasma_fractal mapsize must be a power of two, got {mapsize}")
     m = torch.zeros(batch, mapsize, mapsize, dtype=torch.float32, device=device)
     step = mapsize
     wibble = 100.0
@@ -458,7 +463,7 @@ def _apply_jpeg_compression(x, severity):
     return jpeg_roundtrip(v, q) / 255.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pil_box_matrix(n_in: int, n_out: int, device: str, dtype) -> _ops.BlockedMatrix:
     """``_pil_box_weights`` as a cached ``BlockedMatrix`` (each output averages a few inputs)."""
     return _ops.BlockedMatrix(_pil_box_weights(n_in, n_out, device).to(dtype))
@@ -483,7 +488,7 @@ def _pil_box_weights(n_in: int, n_out: int, device) -> torch.Tensor:
     return wts.to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pil_nearest_index(n_in: int, n_out: int, device) -> torch.Tensor:
     """Source indices of Pillow's NEAREST resize (``ImagingScaleAffine``): the coordinate starts
     at ``scale / 2`` and is *accumulated* in float64, which matters at exact integers."""
@@ -640,9 +645,58 @@ def _apply_spatter(x, severity, z):
 
 # ------------------------------------------------------------------ registry and engine
 
-APPLY = {name: globals()[f"_apply_{name}"] for name in ALL_CORRUPTIONS}
-DRAW = {name: globals().get(f"_draw_{name}") for name in ALL_CORRUPTIONS}
-DETERMINISTIC = tuple(name for name in ALL_CORRUPTIONS if DRAW[name] is None)
+
+@dataclass(frozen=True)
+class Corruption:
+    """One corruption of the engine: ``apply(x, severity, **draws)`` corrupts the RGB batch ``x``
+    given its random quantities, which ``draw(x, severity, generator)`` samples (a dict of the
+    keyword arguments of ``apply``); ``draw`` is None for a deterministic corruption."""
+
+    apply: Callable[..., torch.Tensor]
+    draw: Callable[..., dict[str, torch.Tensor]] | None = None
+
+
+CORRUPTIONS: dict[str, Corruption] = {
+    # noise
+    "gaussian_noise": Corruption(_apply_gaussian_noise, _draw_gaussian_noise),
+    "shot_noise": Corruption(_apply_shot_noise, _draw_shot_noise),
+    "impulse_noise": Corruption(_apply_impulse_noise, _draw_impulse_noise),
+    # blur
+    "defocus_blur": Corruption(_apply_defocus_blur),
+    "glass_blur": Corruption(_apply_glass_blur, _draw_glass_blur),
+    "motion_blur": Corruption(_apply_motion_blur, _draw_motion_blur),
+    "zoom_blur": Corruption(_apply_zoom_blur),
+    # weather
+    "snow": Corruption(_apply_snow, _draw_snow),
+    "frost": Corruption(_apply_frost, _draw_frost),
+    "fog": Corruption(_apply_fog, _draw_fog),
+    "brightness": Corruption(_apply_brightness),
+    # digital
+    "contrast": Corruption(_apply_contrast),
+    "elastic_transform": Corruption(_apply_elastic_transform, _draw_elastic_transform),
+    "pixelate": Corruption(_apply_pixelate),
+    "jpeg_compression": Corruption(_apply_jpeg_compression),
+    # hold-out
+    "speckle_noise": Corruption(_apply_speckle_noise, _draw_speckle_noise),
+    "gaussian_blur": Corruption(_apply_gaussian_blur),
+    "spatter": Corruption(_apply_spatter, _draw_spatter),
+    "saturate": Corruption(_apply_saturate),
+}
+
+
+def check_registry(table: dict[str, Corruption], names: tuple[str, ...] = ALL_CORRUPTIONS) -> None:
+    """Every corruption of ``names`` has an entry in ``table`` and the table has no other: checked
+    at import, so a corruption added to :data:`ALL_CORRUPTIONS` without its functions fails at once
+    (not at the first run that asks for it)."""
+    missing, unknown = [n for n in names if n not in table], [n for n in table if n not in names]
+    if missing or unknown:
+        raise RuntimeError(f"robustexp/data/corruptions/engine.py: CORRUPTIONS has no entry for {missing} and "
+                          f"entries for unknown corruptions {unknown}; expected exactly the names of "
+                          f"names.ALL_CORRUPTIONS, each with its apply (and, if random, draw) function")
+
+
+check_registry(CORRUPTIONS)
+DETERMINISTIC = tuple(name for name in ALL_CORRUPTIONS if CORRUPTIONS[name].draw is None)
 
 
 def finish(out_rgb: torch.Tensor, channels: int, quantize: bool) -> torch.Tensor:
@@ -701,8 +755,9 @@ class TorchCorruptionEngine:
                 x = images[start:start + step].detach().to(device=device, dtype=torch.float32).clamp(0, 1)
                 if channels == 1:
                     x = x.expand(-1, 3, -1, -1).contiguous()
-                draws = DRAW[name](x, severity, generator) if DRAW[name] is not None else {}
-                result = APPLY[name](x, severity, **draws)
+                corruption = CORRUPTIONS[name]
+                draws = corruption.draw(x, severity, generator) if corruption.draw is not None else {}
+                result = corruption.apply(x, severity, **draws)
                 out[start:start + step] = finish(result.to(torch.float32), channels, self.quantize)
         return out.to(device=images.device, dtype=images.dtype if images.is_floating_point() else torch.float32)
 
@@ -713,7 +768,7 @@ class TorchCorruptionEngine:
         if channels == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()
         with torch.no_grad():
-            return finish(APPLY[name](x, severity, **draws).to(torch.float32), channels, self.quantize)
+            return finish(CORRUPTIONS[name].apply(x, severity, **draws).to(torch.float32), channels, self.quantize)
 
     def close(self) -> None:
         pass

@@ -38,6 +38,11 @@ Randomness comes from one ``torch.Generator`` on the input's device, seeded with
 noise field... per image), so the images of a batch are corrupted independently. The output is
 a function of the images, the corruption, the seed and the device type (CPU and CUDA generators
 produce different streams). Outputs are floats in [0, 1], not quantized to 8 bits.
+
+Shared with the ImageNet-C engine rather than copied: the plasma fractal of ``fog``
+(:func:`robustexp.data.corruptions.engine.plasma_fractal`) and the Gaussian blur of
+``glass_blur``, ``spatter`` and ``canny_edges`` (:func:`robustexp.data.corruptions._ops.gaussian_filter`,
+``scipy.ndimage.gaussian_filter`` as two filter-matrix products).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robustexp.data.corruptions import _ops
+from robustexp.data.corruptions.engine import plasma_fractal
 from robustexp.data.corruptions.names import MNIST_C_CORRUPTIONS
 from robustexp.errors import ConfigError
 from robustexp.utils import derive_seed
@@ -86,38 +93,6 @@ def _uniform(shape, low: float, high: float, gen: torch.Generator, device, dtype
 def _random_sign(batch: int, gen: torch.Generator, device) -> torch.Tensor:
     """+1 or -1 per image with probability 1/2 (``np.random.choice([-1, 1])``)."""
     return torch.randint(0, 2, (batch,), generator=gen, device=device).to(_precise(device)).mul(2).sub(1)
-
-
-def _gaussian_kernel(sigma: float, truncate: float = 4.0, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The normalized 1-D kernel of ``scipy.ndimage.gaussian_filter`` (radius int(truncate*sigma+0.5))."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(device=device, dtype=dtype)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "nearest",
-                  sigma_cols: float | None = None) -> torch.Tensor:
-    """Separable Gaussian over H and W of (B, C, H, W), as ``skimage.filters.gaussian`` (truncate 4).
-
-    ``sigma`` applies to rows (axis H) and, unless ``sigma_cols`` is given, to columns; a sigma of
-    0 leaves that axis alone (as ``scipy.ndimage.gaussian_filter``). ``mode`` 'nearest'
-    (skimage's default) replicates the border; 'constant' pads with zeros.
-    """
-    sigma_cols = sigma if sigma_cols is None else sigma_cols
-    b, c, h, w = images.shape
-    x = images.reshape(b * c, 1, h, w)
-    pad_mode = "replicate" if mode == "nearest" else "constant"
-    # scipy filters axis 0 (rows) first, then axis 1 (columns)
-    if sigma > 1e-15:
-        kernel = _gaussian_kernel(sigma, dtype=images.dtype, device=images.device)
-        radius = kernel.numel() // 2
-        x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=pad_mode), kernel.view(1, 1, -1, 1))
-    if sigma_cols > 1e-15:
-        kernel = _gaussian_kernel(sigma_cols, dtype=images.dtype, device=images.device)
-        radius = kernel.numel() // 2
-        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=pad_mode), kernel.view(1, 1, 1, -1))
-    return x.reshape(b, c, h, w)
 
 
 def _gather_shifted(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: str) -> torch.Tensor:
@@ -220,8 +195,8 @@ def canny(images: torch.Tensor, sigma: float = CANNY_SIGMA, low_threshold: float
     x = images.to(work).reshape(b * c, 1, h, w)
 
     ones = torch.ones_like(x[:1])
-    smoothed = gaussian_blur(x, sigma, mode="constant") / (
-        gaussian_blur(ones, sigma, mode="constant") + torch.finfo(work).eps)
+    smoothed = _ops.gaussian_filter(x, sigma, mode="constant") / (
+        _ops.gaussian_filter(ones, sigma, mode="constant") + torch.finfo(work).eps)
 
     padded = F.pad(smoothed, (1, 1, 1, 1), mode="replicate")  # ndimage 'reflect' for a 1-px pad
     diff_cols = padded[..., :, 2:] - padded[..., :, :-2]        # [-1, 0, 1] along columns
@@ -281,44 +256,6 @@ def canny(images: torch.Tensor, sigma: float = CANNY_SIGMA, low_threshold: float
             break
         edges = grown
     return edges.to(dtype).reshape(b, c, h, w)
-
-
-# ----------------------------------------------------------------------------- fog
-
-def plasma_fractal(batch: int, mapsize: int, wibble_decay: float, gen: torch.Generator,
-                   device, dtype=torch.float32) -> torch.Tensor:
-    """(batch, mapsize, mapsize) diamond-square height maps in [0, 1], as ImageNet-C / MNIST-C's
-    ``plasma_fractal`` (mapsize a power of two; each new point is the mean of its four parents
-    plus ``wibble * U(-wibble, wibble)``, wibble starting at 100 and divided by ``wibble_decay``
-    at each halving of the step; each map is then shifted and scaled to [0, 1])."""
-    if mapsize & (mapsize - 1):
-        raise ValueError(f"plasma_fractal mapsize must be a power of two, got {mapsize}")
-    maps = torch.zeros(batch, mapsize, mapsize, device=device, dtype=dtype)
-    step, wibble = mapsize, 100.0
-
-    def wibbled_mean(total):
-        return total / 4 + wibble * _uniform(total.shape, -wibble, wibble, gen, device, dtype)
-
-    while step >= 2:
-        half = step // 2
-        corners = maps[:, 0::step, 0::step]
-        squares = corners + torch.roll(corners, -1, dims=1)
-        squares = squares + torch.roll(squares, -1, dims=2)
-        maps[:, half::step, half::step] = wibbled_mean(squares)
-
-        centres = maps[:, half::step, half::step]
-        corners = maps[:, 0::step, 0::step]
-        left_total = centres + torch.roll(centres, 1, dims=1) + corners + torch.roll(corners, -1, dims=2)
-        maps[:, 0::step, half::step] = wibbled_mean(left_total)
-        top_total = centres + torch.roll(centres, 1, dims=2) + corners + torch.roll(corners, -1, dims=1)
-        maps[:, half::step, 0::step] = wibbled_mean(top_total)
-        step //= 2
-        wibble /= wibble_decay
-
-    flat = maps.reshape(batch, -1)
-    flat = flat - flat.min(dim=1, keepdim=True).values
-    flat = flat / flat.max(dim=1, keepdim=True).values
-    return flat.reshape(batch, mapsize, mapsize)
 
 
 # ----------------------------------------------------------------------------- lines
@@ -439,11 +376,11 @@ def _glass_blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     coins = torch.rand(shape, generator=gen, device=x.device) < 0.5
     dx = torch.randint(-GLASS_DELTA, GLASS_DELTA, shape, generator=gen, device=x.device)
     dy = torch.randint(-GLASS_DELTA, GLASS_DELTA, shape, generator=gen, device=x.device)
-    blurred = torch.floor(gaussian_blur(x, GLASS_SIGMA, sigma_cols=0).clamp(0, 1) * 255) / 255
+    blurred = torch.floor(_ops.gaussian_filter(x, (GLASS_SIGMA, 0)).clamp(0, 1) * 255) / 255
     index = glass_blur_permutation(coins.cpu().numpy(), dx.cpu().numpy(), dy.cpu().numpy(), h, w, GLASS_DELTA)
     index = torch.from_numpy(index).to(x.device).unsqueeze(1).expand(b, c, h * w)
     shuffled = blurred.reshape(b, c, h * w).gather(2, index).reshape(b, c, h, w)
-    return gaussian_blur(shuffled, GLASS_SIGMA, sigma_cols=0)
+    return _ops.gaussian_filter(shuffled, (GLASS_SIGMA, 0))
 
 
 def _motion_blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -518,7 +455,9 @@ def _stripe(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def _fog(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """MNIST-C ``fog`` (severity 5): ``(x + 3.0 * plasma[:H, :W]) * max / (max + 3.0)`` with
     ``plasma = plasma_fractal(256, wibbledecay=1.4)`` one map per image (shared by its channels)
-    and ``max`` the image's maximum. Maps are 256 x 256 (the next power of two for larger images)."""
+    and ``max`` the image's maximum. Maps are 256 x 256 (the next power of two for larger images).
+    The plasma is the ImageNet-C engine's (:func:`robustexp.data.corruptions.engine.plasma_fractal`):
+    MNIST-C copies ImageNet-C's ``plasma_fractal``."""
     b, _, h, w = x.shape
     mapsize = max(256, 1 << (max(h, w) - 1).bit_length())
     chunks = []
@@ -537,9 +476,9 @@ def _spatter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     b, _, h, w = x.shape
     loc, scale, sigma, threshold, sigma2 = SPATTER
     liquid = torch.randn((b, 1, h, w), generator=gen, device=x.device, dtype=x.dtype) * scale + loc
-    liquid = gaussian_blur(liquid, sigma)
+    liquid = _ops.gaussian_filter(liquid, sigma)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
-    mask = gaussian_blur((liquid > threshold).to(x.dtype), sigma2)
+    mask = _ops.gaussian_filter((liquid > threshold).to(x.dtype), sigma2)
     mask = torch.where(mask < 0.8, torch.zeros_like(mask), mask)
     return x * (1 - mask) + SPATTER_MUD * mask
 

@@ -4,7 +4,6 @@ statistics of the subset, and the top-1 error of the unadapted and of the fully 
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import logging
@@ -13,17 +12,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from robustexp.adaptation.base import require_unadapted
 from robustexp.adaptation.bn import BatchNormAdaptation, batchnorm_layers
-from robustexp.adaptation.shift import layer_shift, mean_shift
+from robustexp.adaptation.shift_measures import layer_shift, mean_shift
 from robustexp.data.corruptions.names import CORRUPTION_CATEGORIES
 from robustexp.data.corruptions.sources import CorruptionSource
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator, evaluate_batches, evaluate_subset
 from robustexp.evaluation.corruptions import _subsets
-from robustexp.evaluation.report import format_table, save_figure
+from robustexp.rendering import format_table, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +70,6 @@ def linear_fit(x, y) -> tuple[float, float] | None:
     return float(slope), float(intercept)
 
 
-def _strip_adaptation_hooks(model: torch.nn.Module, owner: object) -> None:
-    """Remove every hook of ``model``'s modules that is a method bound to ``owner``."""
-    for module in model.modules():
-        for attr, hooks in list(vars(module).items()):
-            if not (attr.startswith("_") and "hooks" in attr and isinstance(hooks, dict)):
-                continue
-            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
-                del hooks[key]
-                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                              "_forward_hooks_always_called"):
-                    getattr(module, extra, {}).pop(key, None)
-
-
-def unadapted_copy(model: torch.nn.Module, adaptation) -> torch.nn.Module:
-    """A deep copy of ``model`` without the hooks of the attached test-time ``adaptation``, its
-    BN buffers holding the source statistics (the adaptation is reset first); the adaptation
-    object itself is not copied."""
-    if hasattr(adaptation, "reset"):
-        adaptation.reset()
-    owner = object()  # stands for the adaptation in the copy: its bound hooks end up bound to this
-    clone = copy.deepcopy(model, memo={id(adaptation): owner})
-    _strip_adaptation_hooks(clone, owner)
-    return clone
-
-
 class ShiftEvaluator(Evaluator):
     """Covariate shift and error on each (corruption, severity) subset (Schneider et al. 2020,
     Sec. 5, Fig. 3).
@@ -106,7 +80,7 @@ class ShiftEvaluator(Evaluator):
       variance of every BN layer's input over the whole subset (upstream layers normalized by
       batch statistics, as in full adaptation); source statistics: the layers' running buffers
       before adaptation;
-    * ``w2_per_layer``: normalized W2 per BN layer (:func:`robustexp.adaptation.shift.layer_shift`,
+    * ``w2_per_layer``: normalized W2 per BN layer (:func:`robustexp.adaptation.shift_measures.layer_shift`,
       the BN layer's ``eps`` in the source normalization), ``w2_mean`` its mean over layers
       (``w2_mean_unnormalized``: the same without normalization);
     * ``error_unadapted`` / ``error_adapted``: top-1 error (%) of the model as trained and of
@@ -118,9 +92,9 @@ class ShiftEvaluator(Evaluator):
     corruptions (Fig. 3 iv-v), overall and per severity. ``plot``: ``shift_vs_error.png``,
     ``shift_per_layer.png`` and ``shift.csv`` (one row per subset) in the run directory.
 
-    Under a test-time adaptation (``+adaptation=...``) the evaluator still measures the shift of
-    the *unadapted* model: it works on a deep copy of the model without the adaptation's hooks,
-    and its results do not depend on the variant.
+    With ``+adaptation=...`` the evaluator still measures the shift of the *unadapted* model: it
+    does not depend on the variant (``per_variant = False``), so the runner runs it once per
+    evaluation mode on the model as trained (:mod:`robustexp.evaluation.loop`).
     """
 
     per_variant = False  # measures the unadapted model: once per run, whatever the adaptation variants
@@ -134,13 +108,7 @@ class ShiftEvaluator(Evaluator):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model, data, ctx: EvalContext):
         start = time.perf_counter()
-        note = None
-        if ctx.adaptation is not None:
-            describe = getattr(ctx.adaptation, "describe", lambda: type(ctx.adaptation).__name__)()
-            note = (f"measures the shift of the unadapted model (on a copy of the model without {describe}); "
-                    f"the results do not depend on the adaptation variant")
-            log.info("shift evaluator: %s", note)
-            model = unadapted_copy(model, ctx.adaptation)
+        require_unadapted(ctx.adaptation, "shift")
         layers = batchnorm_layers(model)
         if not layers:
             raise ConfigError(f"the shift evaluator measures BatchNorm statistics; {type(model).__name__} has no "
@@ -155,7 +123,8 @@ class ShiftEvaluator(Evaluator):
         try:
             for name, severity in bar:
                 bar.set_postfix_str(f"{name} s{severity}")
-                make = lambda n, c=name, s=severity: self.source.batches(data, c, s, n, ctx, self.max_images)
+                def make(n, c=name, s=severity):
+                    return self.source.batches(data, c, s, n, ctx, self.max_images)
                 unadapted = evaluate_subset(model, make, plain, self.batch_size)
                 full = BatchNormAdaptation(mode="full").attach(model)
                 try:
@@ -180,8 +149,6 @@ class ShiftEvaluator(Evaluator):
         summary = self._summary(grid, [n for n, _ in layers])
         results = {"source": self.source.description, "seconds": time.perf_counter() - start,
                    "distance": NORMALIZED, "layers": [n for n, _ in layers], "grid": grid, "summary": summary}
-        if note:
-            results["note"] = note
         if self.plot:
             run_dir = Path(ctx.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,8 +284,6 @@ class ShiftEvaluator(Evaluator):
         text += "\n\n" + format_table(["W2 vs error", "subsets", "Pearson", "Spearman", "Pearson (adapted)",
                                        "Spearman (adapted)"], corr_rows, precision=3)
         text += f"\n{results['source']}, {results['seconds']:.0f} s"
-        if results.get("note"):
-            text += f"\n(the shift evaluator {results['note']})"
         return text
 
     def headline(self, results):

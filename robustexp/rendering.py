@@ -1,4 +1,9 @@
-"""Plain-text tables for the console and the README."""
+"""How results are shown: plain-text tables for the console and the README, and figure files.
+
+Used by every layer that reports something (evaluators, adaptation reports such as the prior
+selection, the runner, the sweep summary and ``python -m robustexp.report``), so it sits at the
+top of the package, below all of them.
+"""
 
 from __future__ import annotations
 
