@@ -43,6 +43,7 @@ def test_toy_run_writes_config_metrics_summary_and_checkpoints(tmp_path):
     story = (tmp_path / "main.log").read_text()  # the run's log: options, epochs, results
     assert "options: model=small_cnn, dataset=mnist5k, method=standard" in story and "epoch 2/2: loss" in story
     assert "| corruption (top-1 %)" in story and "mCA" in story and "| clean_top1" in story
+    assert "corruptions: done in" in story and "eps_star: done in" in story  # milestones of the evaluation
     # a rerun of a finished config reports it instead of recomputing
     again = run(cfg, tmp_path)
     assert again["finished"] == metrics["finished"]

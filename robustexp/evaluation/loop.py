@@ -17,6 +17,7 @@ and taken from ``kept`` instead of recomputed when an interrupted attempt alread
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -99,7 +100,11 @@ def _evaluate(model: nn.Module, data: DataSplits, evaluators: Mapping[str, Evalu
             result = kept[key + key_suffix]
             log.info("%s%s: kept from the interrupted attempt", key, key_suffix)
         else:
+            log.info("%s%s: evaluating", key, key_suffix)
+            start = time.perf_counter()
             result = evaluator.evaluate(model, data, ctx)
+            log.info("%s%s: done in %.0f s%s", key, key_suffix, time.perf_counter() - start, "".join(
+                f", {k} {v:.4g}" for k, v in evaluator.headline(result).items() if isinstance(v, (int, float))))
         headline = {k + key_suffix: v for k, v in evaluator.headline(result).items()}
         record.add_evaluation(key + key_suffix, result, headline)
         evaluated.tables.append(f"## {key}{key_suffix}\n\n{evaluator.table(result)}")
