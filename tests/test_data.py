@@ -355,3 +355,67 @@ def test_image_folder_training_transforms_follow_the_augment_list(tmp_path):
     assert torch.equal(a, data.train[0][0]) and a.shape == (3, 32, 32) and 0 <= a.min() and a.max() <= 1
     with pytest.raises(ConfigError, match="dataset.augment includes rotate"):
         image_folder(str(tmp_path), test_dir="val", augment=["rotate"])
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_batched_items_equal_item_by_item_also_through_a_subset_and_a_loader(augment):
+    """Issue 21: ``TensorImageDataset.__getitems__`` (how a DataLoader fetches a batch) gives the
+    values of ``[ds[i] for i in indices]``, with augmentation drawing from the RNG in the same order."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorImageDataset(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g),
+                            torch.arange(40) % 10, augment=augment)
+    indices = [5, 3, 39, 0, 5, 17]
+    torch.manual_seed(1)
+    one_by_one = [ds[i] for i in indices]
+    torch.manual_seed(1)
+    batched = ds.__getitems__(indices)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one_by_one, batched))
+
+    class ItemByItem(torch.utils.data.Dataset):  # the DataLoader's path without __getitems__
+        __len__, __getitem__ = ds.__len__, ds.__getitem__
+
+    loaded = []
+    for dataset in (ds, ItemByItem()):
+        torch.manual_seed(1)
+        loaded.append(list(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=4)))
+    for (x, y), (u, v) in zip(*loaded):
+        assert torch.equal(x, u) and torch.equal(y, v) and y.dtype == torch.long
+
+
+def test_embedded_csv_reader_equals_loadtxt(tmp_path):
+    from robustexp.data.embedded import _read_integer_csv, embedded_csv_path
+
+    path = embedded_csv_path()
+    assert np.array_equal(_read_integer_csv(path), np.loadtxt(path, delimiter=",", dtype=np.float32))
+    for name, text in [("plain", b"1,22,333\n4,5,6\n"), ("no_final_newline", b"1,2\n3,4"),
+                       ("not_integers", b"1.5,2\n3,4\n")]:  # the last one goes through loadtxt
+        file = tmp_path / f"{name}.csv.gz"
+        file.write_bytes(gzip.compress(text))
+        assert np.array_equal(_read_integer_csv(file), np.loadtxt(file, delimiter=",", dtype=np.float32, ndmin=2))
+    for name, text in [("ragged", b"1,2,3\n4,5\n6\n"), ("empty_field", b"1,,2\n3,4,5\n")]:
+        file = tmp_path / f"{name}.csv.gz"
+        file.write_bytes(gzip.compress(text))
+        with pytest.raises(ValueError):  # loadtxt's error, naming the row
+            _read_integer_csv(file)
+
+
+def test_generated_corruptions_read_the_clean_split_once_and_give_the_same_subsets():
+    from types import SimpleNamespace
+
+    from robustexp.data.corruptions.engine import TorchCorruptionEngine
+    from robustexp.data.corruptions.sources import GeneratedCorruptions
+
+    g = torch.Generator().manual_seed(0)
+    test = TensorImageDataset(torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8, generator=g),
+                              torch.arange(30) % 10)
+    reads = []
+    original = test.__getitems__
+    test.__getitems__ = lambda indices: reads.append(len(indices)) or original(indices)
+    data, ctx = SimpleNamespace(test=test), SimpleNamespace(num_workers=0, device=torch.device("cpu"))
+    cached = GeneratedCorruptions(TorchCorruptionEngine(), chunk_size=8)
+    fresh = GeneratedCorruptions(TorchCorruptionEngine(), chunk_size=8, cache_mb=0)   # nothing cached
+    for name, severity in [("gaussian_noise", 1), ("contrast", 3), ("gaussian_noise", 2)]:
+        a = list(cached.batches(data, name, severity, 7, ctx))
+        b = list(fresh.batches(data, name, severity, 7, ctx))
+        assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b)) and len(a) == len(b)
+    assert sum(reads) == 30 * (1 + 3)  # the cached source read the 30 clean images once, the other per subset

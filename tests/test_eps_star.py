@@ -236,3 +236,87 @@ def test_learned_noise_generators_are_trained_at_ant_radius_for_every_model():
         node = compose_config(["+experiment=rusak_table3", f"+method={method}", *paths], toy=False).eval.evaluators
         assert instantiate_component(node.eps_star).adversarial_eps_l2 == 135.0
         assert node.eps_star.adversarial_generators == 4
+
+
+def _line_search_every_image(model, x, y, direction, grid_points, bisection_steps, criterion="misclassified"):
+    """The line search as it was before issue 21: every image is evaluated at every size, also those
+    already settled. The search must give exactly these sizes (it only skips settled images)."""
+    model.eval()
+    with torch.no_grad():
+        clean_prediction = model(x).argmax(1)
+        reference = y if criterion == "misclassified" else clean_prediction
+
+        def broken(eps):
+            eta = clipping_aware_scale(x, direction, eps)
+            return model((x + eta.view(-1, 1, 1, 1) * direction).clamp(0, 1)).argmax(1) != reference
+
+        from robustexp.perturbations import clipped_l2_norm
+
+        big = torch.full((len(x),), 1e9, dtype=torch.float64)
+        eps_max = clipped_l2_norm(x.double(), direction.double(), clipping_aware_scale(x, direction, big).double())
+        result = torch.full((len(x),), math.inf, dtype=torch.float64)
+        result[clean_prediction != reference] = 0.0
+        low, high = torch.zeros_like(eps_max), torch.full_like(eps_max, math.inf)
+        pending = result.isinf()
+        for i in range(1, grid_points + 1):
+            eps = eps_max * i / grid_points
+            hit = pending & broken(eps)
+            high[hit] = eps[hit]
+            low[pending & ~hit] = eps[pending & ~hit]
+            pending &= ~hit
+        found = result.isinf() & high.isfinite()
+        for _ in range(bisection_steps):
+            mid = torch.where(found, (low + high) / 2, low)
+            hit = found & broken(mid)
+            high, low = torch.where(hit, mid, high), torch.where(found & ~hit, mid, low)
+        result[found] = high[found]
+        return result
+
+
+class _CountingModel(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+class _NearestMean(nn.Module):
+    """A digit classifier that noise breaks at finite sizes: the class whose mean training image is nearest."""
+
+    def __init__(self, images, labels):
+        super().__init__()
+        self.means = torch.stack([images[labels == c].mean(0).flatten() for c in range(10)])
+
+    def forward(self, x):
+        return -((x.flatten(1)[:, None] - self.means[None]) ** 2).sum(-1)  # per image (cdist's kernel depends on B)
+
+
+@pytest.mark.parametrize("criterion", ["misclassified", "changed"])
+def test_line_search_skips_settled_images_and_finds_the_same_sizes(criterion):
+    """Issue 21: the search evaluates only the images still in the grid scan (or still bisected),
+    with bit-identical sizes to evaluating every image at every step, and far fewer forward passes."""
+    from robustexp.data.embedded import mnist5k
+
+    data = mnist5k(n_train=300, n_test=60)
+    x = torch.stack([data.test[i][0] for i in range(60)])
+    y = torch.stack([data.test[i][1] for i in range(60)])
+    train_x = torch.stack([data.train[i][0] for i in range(300)])
+    train_y = torch.stack([data.train[i][1] for i in range(300)])
+    g = torch.Generator().manual_seed(0)
+    for classifier in (_NearestMean(train_x, train_y), trained_like_cnn()):  # the CNN: conv kernels, batch sizes
+        model = _CountingModel(classifier)
+        for direction in (torch.randn(x.shape, generator=g), torch.rand(x.shape, generator=g) * 2 - 1):
+            model.images = 0
+            found = line_search(model, x, y, direction, grid_points=20, bisection_steps=8, criterion=criterion)
+            searched = model.images
+            expected = _line_search_every_image(classifier, x, y, direction, 20, 8, criterion)
+            assert torch.equal(found, expected)
+            if isinstance(classifier, _NearestMean):  # most images settle early in the scan
+                assert found.isfinite().float().mean() > 0.5 and searched < 0.8 * 60 * (1 + 20 + 8)
+        # a single image left to search is evaluated in a batch of two (a batch of one may take another kernel)
+        one = line_search(classifier, x[:1], y[:1], direction[:1], grid_points=20, bisection_steps=8,
+                          criterion=criterion)
+        assert torch.equal(one, expected[:1])

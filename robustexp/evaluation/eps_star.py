@@ -93,10 +93,20 @@ def line_search(model, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
     clean_prediction = model(x).argmax(1)
     reference = y if criterion == "misclassified" else clean_prediction
 
-    def broken(eps: torch.Tensor) -> torch.Tensor:
-        eta = clipping_aware_scale(x, direction, eps)
-        moved = (x + eta.view(-1, *[1] * (x.ndim - 1)) * direction).clamp(0, 1)
-        return model(moved).argmax(1) != reference
+    def broken(eps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Whether size ``eps`` breaks the model, computed for the images in ``rows`` only (False
+        elsewhere): the others are settled, and their forward passes were most of the search's time.
+        A single image is passed twice, as a batch of one takes another kernel on some backends."""
+        out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        index = rows.nonzero().flatten()
+        if len(index) == 0:
+            return out
+        padded = index.repeat(2) if len(index) == 1 else index
+        xs, ds = x[padded], direction[padded]
+        eta = clipping_aware_scale(xs, ds, eps[padded])
+        moved = (xs + eta.view(-1, *[1] * (x.ndim - 1)) * ds).clamp(0, 1)
+        out[index] = (model(moved).argmax(1) != reference[padded])[:len(index)]
+        return out
 
     big = torch.full((len(x),), 1e9, dtype=torch.float64, device=x.device)
     eps_max = clipped_l2_norm(x.double(), direction.double(), clipping_aware_scale(x, direction, big).double())
@@ -107,7 +117,7 @@ def line_search(model, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
     pending = result.isinf()
     for i in range(1, grid_points + 1):  # coarse scan
         eps = eps_max * i / grid_points
-        hit = pending & broken(eps)
+        hit = pending & broken(eps, pending)
         high[hit] = eps[hit]
         low[pending & ~hit] = eps[pending & ~hit]
         pending &= ~hit
@@ -118,7 +128,7 @@ def line_search(model, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor
         if not found.any():
             break
         mid = torch.where(found, (low + high) / 2, low)
-        hit = found & broken(mid)
+        hit = found & broken(mid, found)
         high = torch.where(hit, mid, high)
         low = torch.where(found & ~hit, mid, low)
     result[found] = high[found]
