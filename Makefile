@@ -30,10 +30,12 @@ test-slow: $(STAMP)  ## the slow tests only (engine vs reference accuracy, 224x2
 smoke: $(STAMP)  ## every job of every full paper recipe on synthetic images (debug=smoke), a status table (~10 min)
 	$(PY) scripts/smoke.py $(ARGS)
 
-bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine, certification, runner overhead (ARGS=--quick)
+bench: $(STAMP)  ## benchmarks -> bench/results/: corruption engine, certification, BN adaptation, runner overhead, the embedded default by phase (ARGS=--quick)
 	$(PY) scripts/bench_corruptions.py $(ARGS)
 	$(PY) scripts/bench_certify.py $(ARGS)
+	$(PY) scripts/bench_adaptation.py $(ARGS)
 	$(PY) scripts/bench_runner.py $(ARGS)
+	$(PY) scripts/bench_default.py $(ARGS)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf outputs multirun

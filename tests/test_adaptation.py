@@ -240,3 +240,73 @@ def test_adhoc_is_the_unadapted_model_and_single_image_is_bn_adaptation_at_n1():
 
     assert loss(variants["adhoc"]) == pytest.approx(loss(None), abs=1e-6)
     assert loss(single["bn"]) != pytest.approx(loss(None), abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "flat"])
+def test_batch_statistics_equal_a_float64_computation_even_when_the_mean_dominates(layout):
+    """The two-pass float32 mean and variance (mean, then mean squared deviation) are within float32
+    rounding of float64, also where E[x^2] - mean^2 would cancel (mean 1000 x the spread)."""
+    from robustexp.adaptation.bn import batch_statistics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, 7, 9, generator=g) * torch.tensor([1e-3, 1.0, 10.0, 0.1, 2.0]).view(1, 5, 1, 1) \
+        + torch.tensor([1.0, -3.0, 100.0, 0.0, 5.0]).view(1, 5, 1, 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "flat":
+        x = x.permute(0, 2, 3, 1).reshape(-1, 5)   # BatchNorm1d's (N, C)
+    dims = [d for d in range(x.ndim) if d != 1]
+    reference = x.double()
+    for unbiased in (False, True):
+        mean, var = batch_statistics(x, unbiased=unbiased)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (5,)
+        mean_error = (mean.double() - reference.mean(dims)).abs()
+        assert (mean_error <= 1e-6 * reference.mean(dims).abs() + 1e-6 * reference.std(dims)).all(), mean_error
+        torch.testing.assert_close(var.double(), reference.var(dims, unbiased=unbiased), rtol=2e-6, atol=0)
+
+
+def test_full_statistics_over_many_uneven_batches_equal_a_float64_computation():
+    """Per-batch statistics combined in float64 (Chan et al.): the subset's mean and variance of the
+    first BN input equal those of all its values at once, to float32 rounding, with a mean far from
+    zero against the spread and batches of different sizes."""
+    model = trained_like_cnn()
+    images = torch.rand(53, 1, 28, 28) * 0.01 + 0.9
+    adaptation = BatchNormAdaptation(mode="full").attach(model)
+    adaptation.estimate_full(model, ((images[i:i + 8], None) for i in range(0, 53, 8)), torch.device("cpu"))
+    with torch.no_grad():
+        conv_out = model.features[0](images).double()
+    first_bn = model.features[1]
+    torch.testing.assert_close(first_bn.running_mean.double(), conv_out.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(first_bn.running_var.double(), conv_out.var((0, 2, 3), unbiased=False),
+                               rtol=1e-5, atol=0)
+    adaptation.detach()
+    unbiased = BatchNormAdaptation(mode="full", test_variance="unbiased").attach(model)
+    unbiased.estimate_full(model, ((images[i:i + 8], None) for i in range(0, 53, 8)), torch.device("cpu"))
+    torch.testing.assert_close(first_bn.running_var.double(), conv_out.var((0, 2, 3), unbiased=True),
+                               rtol=1e-5, atol=0)
+    unbiased.detach()
+
+
+@pytest.mark.parametrize("mode,kwargs", [("prior", {"prior_strength": 16}), ("prior", {"prior_strength": 0}),
+                                         ("momentum", {"momentum": 0.3}),
+                                         ("momentum", {"momentum": 0.3, "mix": "std"})])
+def test_the_statistics_written_are_exactly_the_mixture_of_mix_statistics(mode, kwargs):
+    """The buffers hold bit for bit ``mix_statistics(source, batch statistics, w)``, batch after batch
+    (the last one smaller: another w)."""
+    from robustexp.adaptation.bn import batch_statistics, mix_statistics
+
+    model = trained_like_cnn()
+    layer = model.features[1]
+    source = (layer.running_mean.clone(), layer.running_var.clone())
+    adaptation = BatchNormAdaptation(mode=mode, batch_size=8, **kwargs).attach(model)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().clone()))
+    with torch.no_grad():
+        for x in (torch.rand(8, 1, 28, 28) + 0.3, torch.rand(8, 1, 28, 28), torch.rand(3, 1, 28, 28) * 2):
+            model(x)
+            mean_t, var_t = batch_statistics(seen[-1])
+            expected = mix_statistics(*source, mean_t, var_t, adaptation.weight_on_target(len(x)),
+                                      kwargs.get("mix", "variance"))
+            assert torch.equal(layer.running_mean, expected[0]) and torch.equal(layer.running_var, expected[1])
+    adaptation.detach()
+    assert torch.equal(layer.running_mean, source[0]) and torch.equal(layer.running_var, source[1])

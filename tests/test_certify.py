@@ -290,3 +290,49 @@ def test_an_interrupted_certification_resumes_with_the_same_results(tmp_path, mo
     assert rows(tmp_path / "b") == rows(tmp_path / "a")
     assert resumed["sigmas"]["0.5"]["certified_accuracy"] == uninterrupted["sigmas"]["0.5"]["certified_accuracy"]
     assert not list((tmp_path / "b").glob("*.partial.jsonl"))
+
+
+def _counts_randn_mul_add_bincount(model, images, num, sigma, num_classes, batch_size, generator, memory_format):
+    """sample_counts as first written: randn, times sigma, plus the image, layout conversion, bincount."""
+    k = len(images)
+    per_image = max(1, batch_size // k)
+    offsets = (torch.arange(k) * num_classes).unsqueeze(1)
+    counts = torch.zeros(k * num_classes, dtype=torch.long)
+    done = 0
+    while done < num:
+        b = min(per_image, num - done)
+        noisy = torch.randn((k, b, *images.shape[1:]), generator=generator, dtype=images.dtype)
+        noisy.mul_(sigma).add_(images.unsqueeze(1))
+        batch = noisy.flatten(0, 1).contiguous(memory_format=memory_format)
+        predictions = model(batch).argmax(1).view(k, b)
+        counts += torch.bincount((predictions + offsets).flatten(), minlength=k * num_classes)
+        done += b
+    return counts.view(k, num_classes)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_sample_counts_draw_the_same_noise_as_randn_times_sigma_plus_the_image(memory_format):
+    """The scaled draw (normal_(0, sigma)), the add into the model's layout and the on-device
+    counting give the counts of the plain formulation, sample for sample: a classifier that reads
+    the noise (the sign pattern of a random projection of each noisy image) sees the same images."""
+
+    class Hash(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = torch.randn(d, 7, generator=torch.Generator().manual_seed(5))
+
+        def forward(self, x):
+            return (x.flatten(1) - 0.5) @ self.w      # a class per noisy image, depending on every value
+
+    for shape in [(3, 6, 6), (1, 28, 28)]:
+        images = torch.rand(5, *shape, generator=torch.Generator().manual_seed(1))
+        model = Hash(images[0].numel())
+        for sigma, num, batch, forward_batch in [(0.5, 37, 40, None), (0.12, 100, 1000, None), (1.0, 9, 3, None),
+                                                 (0.5, 100, 1000, 7), (0.25, 30, 50, 1)]:
+            # forward_batch: the drawn batch classified in forward passes of that many samples
+            got = sample_counts(model, images, num, sigma, 7, batch, torch.Generator().manual_seed(2), memory_format,
+                                forward_batch_size=forward_batch)
+            expected = _counts_randn_mul_add_bincount(model, images, num, sigma, 7, batch,
+                                                      torch.Generator().manual_seed(2), memory_format)
+            assert torch.equal(got, expected) and (got.sum(1) == num).all()
+            assert (got > 0).sum() > 5     # the noise does move the predictions

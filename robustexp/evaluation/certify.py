@@ -14,8 +14,10 @@ The smoothed classifier is ``g(x) = argmax_c P(f(x + delta) = c)``, ``delta ~ N(
   binomial test of the two top counts (n_A successes of n_A + n_B, p = 1/2) has p-value <= alpha.
 
 Counting is batched over noise samples and over several images at once: one forward pass sees
-(k images x b samples) and the counts of all k images are accumulated with one ``bincount`` over
-(image, class) indices. The only Python loop is over forward passes.
+(k images x b samples) and the counts of all k images are accumulated with one ``scatter_add_``
+over (image, class). The only Python loop is over forward passes; what it does besides the
+forward pass costs a few percent of it (``scripts/bench_certify.py`` measures CERTIFY against the
+bare forward pass of the same model).
 
 BN statistics (SPEC, "Randomized smoothing"): under a test-time adaptation, the statistics are
 set once per sigma from one batch of sigma-noised *distinct* test images (Nandy et al.: "we first
@@ -54,6 +56,18 @@ from robustexp.utils import derive_seed
 
 ABSTAIN = -1
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# Noisy samples per forward pass on CPU when not configured: the bare forward pass of the SmallCNN
+# at 28 px runs about twice as fast in batches of 250 as in batches of 1,000 (activations that stay
+# in cache; scripts/bench_certify.py); on a GPU the whole drawn batch is one forward pass.
+CPU_FORWARD_BATCH = 250
+
+
+def forward_batch_for(device: torch.device, batch_size: int, forward_batch_size: int | None = None) -> int:
+    """Samples per forward pass: ``forward_batch_size`` if given, else ``batch_size`` on a GPU and
+    at most :data:`CPU_FORWARD_BATCH` on CPU."""
+    if forward_batch_size:
+        return int(forward_batch_size)
+    return batch_size if device.type != "cpu" else min(batch_size, CPU_FORWARD_BATCH)
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -104,42 +118,62 @@ def envelope_radius(radius_by_sigma: np.ndarray, correct_by_sigma: np.ndarray) -
 @torch.inference_mode()
 def sample_counts(model: nn.Module, images: torch.Tensor, num: int, sigma: float, num_classes: int,
                   batch_size: int, generator: torch.Generator | None = None,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                  memory_format: torch.memory_format = torch.contiguous_format,
+                  forward_batch_size: int | None = None) -> torch.Tensor:
     """Counts (k, num_classes) of the base classifier's predictions on ``num`` noisy copies
-    ``x + N(0, sigma^2 I)`` of each of the k ``images``. A forward pass holds
-    ``b = max(1, batch_size // k)`` copies of every image; the counts of all images are added by
-    one ``bincount`` over ``image * num_classes + class``."""
+    ``x + N(0, sigma^2 I)`` of each of the k ``images``. One draw holds ``b = max(1, batch_size // k)``
+    copies of every image (``batch_size`` fixes the noise: the same samples whatever the forward
+    batch); it is classified in forward passes of at most ``forward_batch_size`` samples
+    (:func:`forward_batch_for`: all of it on a GPU, 250 on CPU); the counts of all images are added
+    by one ``scatter_add_`` over (image, class).
+
+    Everything but the forward pass is two memory passes over the batch: the noise is drawn
+    already scaled (``normal_(0, sigma)``: the same values as ``randn() * sigma`` on CPU and GPU
+    for tensors of 16 values or more, one write instead of a write and a read-modify-write), and
+    the image is added to it directly into a tensor of the model's memory format (no separate
+    layout conversion). Counting stays on the device (no host synchronization per forward pass,
+    which ``bincount`` needs on CUDA to size its output)."""
     k = len(images)
     if num <= 0 or k == 0:
         return torch.zeros(k, num_classes, dtype=torch.long, device=images.device)
     per_image = max(1, batch_size // k)
-    offsets = (torch.arange(k, device=images.device) * num_classes).unsqueeze(1)
-    counts = torch.zeros(k * num_classes, dtype=torch.long, device=images.device)
+    forward_batch = forward_batch_for(images.device, k * per_image, forward_batch_size)
+    counts = torch.zeros(k, num_classes, dtype=torch.long, device=images.device)
+    ones = torch.ones(k, per_image, dtype=torch.long, device=images.device)
+    shape = images.shape[1:]
+    layout = memory_format if (images.dim() == 4 and memory_format is not torch.contiguous_format) else None
     done = 0
     while done < num:
         b = min(per_image, num - done)
-        noisy = torch.randn((k, b, *images.shape[1:]), generator=generator, device=images.device,
-                            dtype=images.dtype)
-        noisy.mul_(sigma).add_(images.unsqueeze(1))
-        batch = noisy.flatten(0, 1)
-        if batch.dim() == 4 and memory_format is not torch.contiguous_format:
-            batch = batch.contiguous(memory_format=memory_format)
-        predictions = model(batch).argmax(1).view(k, b)
-        counts += torch.bincount((predictions + offsets).flatten(), minlength=k * num_classes)
+        noise = torch.empty((k, b, *shape), device=images.device, dtype=images.dtype)
+        noise.normal_(0.0, sigma, generator=generator)
+        if layout is None:
+            batch = noise.add_(images.unsqueeze(1)).flatten(0, 1)
+        else:   # x + noise written straight into the layout the model runs in
+            batch = torch.empty((k * b, *shape), device=images.device, dtype=images.dtype, memory_format=layout)
+            torch.add(noise, images.unsqueeze(1), out=batch.view(k, b, *shape))
+        if len(batch) <= forward_batch:
+            predictions = model(batch).argmax(1).view(k, b)
+        else:
+            predictions = torch.cat([model(chunk).argmax(1) for chunk in batch.split(forward_batch)]).view(k, b)
+        counts.scatter_add_(1, predictions, ones[:, :b])
         done += b
-    return counts.view(k, num_classes)
+    return counts
 
 
 def certify(model: nn.Module, images: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, num_classes: int,
             batch_size: int, generator: torch.Generator | None = None,
-            memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, np.ndarray]:
+            memory_format: torch.memory_format = torch.contiguous_format,
+            forward_batch_size: int | None = None) -> dict[str, np.ndarray]:
     """CERTIFY of Cohen et al. for k images at once: the top class of ``n0`` samples, its count
     among ``n`` fresh samples, ``pA_lower`` (:func:`clopper_pearson_lower`) and the radius
     (:func:`certified_radius`); ``prediction`` is ``ABSTAIN`` (-1) and ``radius`` NaN where
     ``pA_lower < 0.5``."""
-    selection = sample_counts(model, images, n0, sigma, num_classes, batch_size, generator, memory_format)
+    selection = sample_counts(model, images, n0, sigma, num_classes, batch_size, generator, memory_format,
+                              forward_batch_size)
     top = selection.argmax(1)
-    estimation = sample_counts(model, images, n, sigma, num_classes, batch_size, generator, memory_format)
+    estimation = sample_counts(model, images, n, sigma, num_classes, batch_size, generator, memory_format,
+                               forward_batch_size)
     count_top = estimation.gather(1, top.unsqueeze(1)).squeeze(1).cpu().numpy()
     pa_lower = clopper_pearson_lower(count_top, n, alpha)
     radius = certified_radius(pa_lower, sigma)
@@ -149,10 +183,12 @@ def certify(model: nn.Module, images: torch.Tensor, sigma: float, n0: int, n: in
 
 def predict(model: nn.Module, images: torch.Tensor, sigma: float, n: int, alpha: float, num_classes: int,
             batch_size: int, generator: torch.Generator | None = None,
-            memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
+            memory_format: torch.memory_format = torch.contiguous_format,
+            forward_batch_size: int | None = None) -> np.ndarray:
     """PREDICT of Cohen et al. for k images at once: the top class of ``n`` samples, or
     ``ABSTAIN`` unless ``binomtest(n_A, n_A + n_B, 0.5)`` (two-sided) has p-value <= alpha."""
-    counts = sample_counts(model, images, n, sigma, num_classes, batch_size, generator, memory_format)
+    counts = sample_counts(model, images, n, sigma, num_classes, batch_size, generator, memory_format,
+                           forward_batch_size)
     top2 = counts.topk(min(2, num_classes), dim=1)
     first = top2.values[:, 0].cpu().numpy()
     second = top2.values[:, 1].cpu().numpy() if num_classes > 1 else np.zeros_like(first)
@@ -252,7 +288,9 @@ class CertifyEvaluator(Evaluator):
         n0, n, alpha: Cohen et al.'s constants (paper: 100, 100,000, 0.001).
         predict_n: samples for PREDICT (0: skip it).
         max_images: a random subset of the test split (:func:`evaluation_order`); null: all.
-        batch_size: noisy samples per forward pass.
+        batch_size: noisy samples drawn at a time (with ``images_per_batch``, this fixes the noise).
+        forward_batch_size: noisy samples per forward pass (null: ``batch_size`` on a GPU, at most
+            250 on CPU, where smaller batches run faster; the same samples, so the same counts).
         images_per_batch: images sharing a forward pass (null: ``max(1, batch_size // n0)``).
         radii: radii at which certified accuracy is reported.
         headline_radii: radii of the envelope's certified accuracy in the run summary.
@@ -266,7 +304,8 @@ class CertifyEvaluator(Evaluator):
                  predict_n: int = 100, max_images: int | None = 100, batch_size: int = 1000,
                  images_per_batch: int | None = None, radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
                  headline_radii=(0.0, 0.5, 1.0), adapt_batch_size: int = 512, seed: int = 0,
-                 memory_format: str = "auto", fold_bn: bool = True, plot: bool = True):
+                 memory_format: str = "auto", fold_bn: bool = True, plot: bool = True,
+                 forward_batch_size: int | None = None):
         self.sigmas = tuple(float(s) for s in sigmas)
         if not self.sigmas or any(s <= 0 for s in self.sigmas):
             raise ConfigError(f"eval certify sigmas={list(sigmas)}: expected a non-empty list of noise levels > 0")
@@ -277,6 +316,8 @@ class CertifyEvaluator(Evaluator):
         if int(predict_n) < 0 or int(batch_size) < 1 or int(adapt_batch_size) < 1:
             raise ConfigError(f"eval certify needs predict_n >= 0, batch_size >= 1, adapt_batch_size >= 1; got "
                               f"{predict_n}, {batch_size}, {adapt_batch_size}")
+        if forward_batch_size is not None and int(forward_batch_size) < 1:
+            raise ConfigError(f"eval certify forward_batch_size={forward_batch_size}: expected >= 1 or null")
         if images_per_batch is not None and int(images_per_batch) < 1:
             raise ConfigError(f"eval certify images_per_batch={images_per_batch}: expected >= 1 or null")
         if memory_format not in MEMORY_FORMATS:
@@ -288,6 +329,7 @@ class CertifyEvaluator(Evaluator):
         self.headline_radii = tuple(float(r) for r in headline_radii)
         self.adapt_batch_size, self.seed = int(adapt_batch_size), seed
         self.memory_format, self.fold_bn, self.plot = memory_format, bool(fold_bn), plot
+        self.forward_batch_size = int(forward_batch_size) if forward_batch_size else None
 
     def evaluate(self, model, data, ctx: EvalContext):
         adaptation = check_freezable(ctx.adaptation, "certify")
@@ -351,6 +393,7 @@ class CertifyEvaluator(Evaluator):
                 "adaptation": adaptation.describe() if adaptation is not None else None,
                 "adapt_batch_size": n_adapt or None,
                 "memory_format": str(memory_format).removeprefix("torch."), "fold_bn": self.fold_bn,
+                "forward_batch_size": forward_batch_for(ctx.device, self.batch_size, self.forward_batch_size),
                 "sigmas": per_sigma,
                 "envelope": envelope, "samples": samples,
                 "samples_per_second": samples / sampling_seconds if sampling_seconds else math.nan,
@@ -383,10 +426,10 @@ class CertifyEvaluator(Evaluator):
             generator = torch.Generator(device=ctx.device).manual_seed(derive_seed(self.seed, "certify", sigma, g))
             t = time.perf_counter()
             out = certify(model, x, sigma, self.n0, self.n, self.alpha, num_classes, self.batch_size, generator,
-                          memory_format)
+                          memory_format, self.forward_batch_size)
             if self.predict_n:
                 out["predict"] = predict(model, x, sigma, self.predict_n, self.alpha, num_classes, self.batch_size,
-                                         generator, memory_format)
+                                         generator, memory_format, self.forward_batch_size)
             out["time_s"] = np.full(len(x), (time.perf_counter() - t) / len(x))  # the group's time per image
             samples += len(x) * (self.n0 + self.n + self.predict_n)
             parts.append(out)
