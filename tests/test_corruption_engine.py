@@ -449,3 +449,125 @@ def test_shot_noise_sampler_choice():
     b = E._draw_shot_noise(on_levels, 2, torch.Generator().manual_seed(1))["counts"]
     c = torch.poisson(on_levels * E.SHOT_NOISE[1], generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ device paths, forced on CPU (issue 21)
+# The engine picks other algorithms off CPU: the whole batch in one piece (CPU: sub-batches of
+# cpu_chunk_values), the float-DCT JPEG pipeline (CPU: Pillow's codec), dense filter / resampling
+# matrix products (CPU: block-sparse), the Poisson table sampler unchunked. device_paths="cuda" runs
+# those algorithms on CPU tensors, so that what a GPU runs is tested on every machine.
+
+DEVICE_PATHS = "cuda"
+# Random corruptions whose draws are a single tensor laid out image by image, so that the draws of
+# consecutive sub-batches are the slices of the whole batch's draws (torch's CPU samplers fill
+# values in order; the normal sampler in blocks of 16, and every image below has a multiple of 16
+# values). The others (glass_blur, snow, frost, fog, elastic_transform) draw several tensors per
+# sub-batch: their random streams depend on cpu_chunk_values (their distribution does not).
+SPLIT_STREAMS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "spatter")
+
+
+def _draws_for(x, name, severity, seed):
+    corruption = E.CORRUPTIONS[name]
+    if corruption.draw is None:
+        return {}
+    rgb = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+    return corruption.draw(rgb, severity, torch.Generator().manual_seed(seed))
+
+
+def _slice_draws(draws, lo, hi, batch):
+    """The draws of images lo..hi-1: each tensor cut along its (unique) axis of length ``batch``."""
+    out = {}
+    for key, value in draws.items():
+        axes = [i for i, n in enumerate(value.shape) if n == batch]
+        assert len(axes) == 1, (key, value.shape)
+        out[key] = value.narrow(axes[0], lo, hi - lo)
+    return out
+
+
+def test_device_paths_option():
+    assert TorchCorruptionEngine(device_paths="cuda:1").device_paths == "cuda"
+    assert TorchCorruptionEngine().device_paths is None
+    with pytest.raises(ValueError, match="device_paths"):
+        TorchCorruptionEngine(device_paths="gpu-please")
+    from robustexp.data.corruptions import _ops
+
+    with _ops.forced_device_paths("cuda"):
+        assert not _ops.cpu_paths(torch.device("cpu")) and _ops.device_type("cpu") == "cuda"
+    assert _ops.cpu_paths(torch.device("cpu"))  # restored on exit
+
+
+@pytest.mark.parametrize("paths", ["cpu", DEVICE_PATHS])
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_whole_batch_equals_sub_batches_given_the_draws(name, paths):
+    """Every corruption treats each image on its own: the whole batch (how a GPU runs it) and
+    sub-batches (how the CPU runs it) give identical outputs for the same draws, on both paths."""
+    b = 5
+    x = natural_images(b, 96, 128, seed=4)
+    engine = TorchCorruptionEngine(device_paths=paths)
+    for s in (2, 5):
+        draws = _draws_for(x, name, s, seed=s)
+        whole = engine.apply(x, name, s, **draws)
+        parts = torch.cat([engine.apply(x[lo:hi], name, s, **_slice_draws(draws, lo, hi, b))
+                           for lo, hi in ((0, 2), (2, 3), (3, 5))])
+        assert torch.equal(whole, parts), (s, float((whole - parts).abs().max()))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_CORRUPTIONS if n != "jpeg_compression"])
+def test_device_algorithms_equal_cpu_algorithms_given_the_draws(name):
+    """The non-CPU algorithms give the CPU's 8-bit outputs for the same draws. The dense and the
+    block-sparse matrix products add the same non-zero terms in another grouping (float32 rounding,
+    ~1e-7), which can move a value across an 8-bit truncation threshold: at most one level, on at
+    most 0.1 % of the values (0 measured on these images)."""
+    x = natural_images(3, 96, 128, seed=5)
+    cpu, device = TorchCorruptionEngine(device_paths="cpu"), TorchCorruptionEngine(device_paths=DEVICE_PATHS)
+    for s in SEVERITIES:
+        draws = _draws_for(x, name, s, seed=s)
+        diff = (cpu.apply(x, name, s, **draws) - device.apply(x, name, s, **draws)).abs() * 255
+        assert float(diff.max()) <= 1.0 + 1e-3 and float((diff > 0.5).float().mean()) <= 1e-3, s
+
+
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_engine_sub_batches_and_device_paths(name):
+    """engine(...) end to end: CPU sub-batches (2 images each) against the whole batch on the CPU
+    algorithms and on the device ones. Identical where the draws split by image (deterministic
+    corruptions, SPLIT_STREAMS); the other random corruptions draw per sub-batch (another stream,
+    same distribution, tested above with shared draws). JPEG: the device path is the float-DCT
+    pipeline (next test)."""
+    b, h, w = 5, 40, 56
+    x = natural_images(b, h, w, seed=6)
+    split = TorchCorruptionEngine(cpu_chunk_values=2 * 3 * h * w)(x, name, 3, 7)
+    whole = TorchCorruptionEngine(cpu_chunk_values=0)(x, name, 3, 7)
+    device = TorchCorruptionEngine(device_paths=DEVICE_PATHS)(x, name, 3, 7)
+    if name in DETERMINISTIC or name in SPLIT_STREAMS:
+        assert torch.equal(split, whole)
+        if name != "jpeg_compression":
+            assert float((device - whole).abs().max()) <= 1 / 255 + 1e-6
+    else:
+        assert not torch.equal(split, whole)  # the documented exception (see SPLIT_STREAMS)
+
+
+# PSNR (dB) of the float-DCT pipeline against Pillow's codec at 224 px, per JPEG quality. Measured
+# (4 images): 52.1, 51.0, 50.9, 50.6, 50.5 dB; the differences are whole-coefficient bin flips of
+# coefficients that lie within the integer DCT's error of a quantisation boundary (4.2 % to 0.8 %
+# of the values differ at all, fewer at lower quality). The bounds leave ~4 dB of margin and lie
+# 15-20 dB above the PSNR between Pillow's outputs at neighbouring qualities (25-30 dB), so a
+# wrong table, subsampling or rounding rule fails them (negative control in the test).
+FLOAT_DCT_JPEG_PSNR_MIN = {25: 48.0, 18: 47.0, 15: 47.0, 10: 46.5, 7: 46.5}
+
+
+def test_float_dct_jpeg_agrees_with_pillow_per_quality():
+    """(issue 21) The JPEG a GPU runs (device_paths='cuda': libjpeg's colour conversion, subsampling
+    and upsampling in exact integer arithmetic, float DCTs) against Pillow's codec on CPU, which is
+    bit-identical to the reference (test_cpu_jpeg_is_pillows_codec), at 224 px for every quality."""
+    x = images("rgb224", 4)
+    pillow, device = TorchCorruptionEngine(), TorchCorruptionEngine(device_paths=DEVICE_PATHS)
+    outputs = {s: pillow(x, "jpeg_compression", s, 0) for s in SEVERITIES}
+    for s in SEVERITIES:
+        quality = E.JPEG_QUALITY[s - 1]
+        out = device(x, "jpeg_compression", s, 0)
+        matched = psnr(outputs[s], out)
+        assert matched >= FLOAT_DCT_JPEG_PSNR_MIN[quality], (quality, matched)
+        diff = (outputs[s] - out).abs() * 255
+        assert float((diff > 0.5).float().mean()) < 0.06, quality  # bin flips only: most values equal
+        wrong = max(psnr(outputs[t], out) for t in SEVERITIES if t != s)
+        assert wrong < matched - 15, (quality, matched, wrong)

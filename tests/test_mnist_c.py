@@ -453,3 +453,25 @@ def test_runs_on_cuda(digits):
         assert out.device == x.device and out.shape == x.shape and out.min() >= 0 and out.max() <= 1
         assert torch.equal(out, ENGINE(x, name, None, seed=0))
     assert torch.equal(ENGINE(x, "canny_edges", None, 0).cpu(), ENGINE(digits, "canny_edges", None, 0))
+
+
+def test_float32_path_of_mps_runs_on_cpu(digits):
+    """The engine's one device-specific choice: float32 instead of float64 for geometry, line
+    profiles and edge detection on Apple MPS (which has no float64). Forced on CPU
+    (``device_paths='mps'``), every corruption runs and agrees with the float64 path: to float32
+    rounding where the draws are the same, a few edge pixels for canny (gradients at the
+    thresholds); motion_blur draws its angles in float32 there (another stream), so only its range
+    is checked."""
+    float32_path = MnistCCorruptionEngine(device_paths="mps")
+    with pytest.raises(ValueError, match="device_paths"):
+        MnistCCorruptionEngine(device_paths="no-such-device")
+    for name in MNIST_C_CORRUPTIONS:
+        a, b = ENGINE(digits, name, None, seed=0), float32_path(digits, name, None, seed=0)
+        assert b.shape == a.shape and b.dtype == a.dtype and b.min() >= 0 and b.max() <= 1, name
+        if name == "motion_blur":
+            continue
+        diff = (a - b).abs()
+        if name == "canny_edges":
+            assert float((diff > 0).float().mean()) < 0.01, name
+        else:
+            assert float(diff.max()) < 1e-4, (name, float(diff.max()))

@@ -191,27 +191,44 @@ def _edge_fixed_horizontal(colsum: torch.Tensor, w_out: int) -> torch.Tensor:
 _POOL: dict = {}
 
 
-def _pil_roundtrip_one(image: np.ndarray, quality: int) -> np.ndarray:
+def _pil_roundtrip_into(image: np.ndarray, quality: int, out: np.ndarray) -> None:
+    """Pillow's JPEG save at ``quality`` and load of one (H, W, 3) uint8 image, decoded into ``out``
+    (the reference's ``x.save(output, 'JPEG', quality=c)`` and ``Image.open(output)``)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "JPEG", quality=quality)
     buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    with Image.open(buffer, formats=("JPEG",)) as decoded:
+        out[...] = np.asarray(decoded)
 
 
 def pil_jpeg_roundtrip(rgb255: torch.Tensor, quality: int) -> torch.Tensor:
     """(B, 3, H, W) CPU float, integer values 0..255 -> Pillow's JPEG save (``quality``) and load,
     as the reference does, (B, 3, H, W) float 0..255.
 
-    The images are coded on ``torch.get_num_threads()`` threads (Pillow releases the GIL while it
-    encodes and decodes), the same thread budget as the engine's torch operations."""
-    arr = rgb255.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    threads = max(1, min(torch.get_num_threads(), len(arr)))
+    One conversion each way (float NCHW -> uint8 NHWC, uint8 NHWC -> float NCHW); every image is
+    decoded straight into the output buffer. The images are coded on ``torch.get_num_threads()``
+    threads (Pillow releases the GIL while it encodes and decodes), the same thread budget as the
+    engine's torch operations, each thread taking a contiguous share of the batch."""
+    b, _, h, w = rgb255.shape
+    arr = torch.empty((b, h, w, 3), dtype=torch.uint8)
+    arr.copy_(rgb255.permute(0, 2, 3, 1))  # values are integers in 0..255 (the caller rounds)
+    src = arr.numpy()
+    out = np.empty_like(src)
+
+    def code(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            _pil_roundtrip_into(src[i], quality, out[i])
+
+    threads = max(1, min(torch.get_num_threads(), b))
     if threads == 1:
-        out = [_pil_roundtrip_one(a, quality) for a in arr]
+        code(0, b)
     else:
         if threads not in _POOL:
             _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="jpeg")
-        out = list(_POOL[threads].map(_pil_roundtrip_one, arr, [quality] * len(arr)))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(rgb255.dtype)
+        bounds = [b * k // threads for k in range(threads + 1)]
+        list(_POOL[threads].map(code, bounds[:-1], bounds[1:]))
+    result = torch.empty((b, 3, h, w), dtype=rgb255.dtype)
+    result.copy_(torch.from_numpy(out).permute(0, 3, 1, 2))
+    return result

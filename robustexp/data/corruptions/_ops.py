@@ -10,16 +10,66 @@ mode take one of
 
 Padding is done with index tensors, so it works for any pad width (pads wider than the image
 included, which happens with large blurs on 28x28 images).
+
+Device paths: a few helpers (and the engines) pick a different algorithm on CPU than on other
+devices (block-sparse matrix products, chunked sampling, sub-batches, Pillow's JPEG codec). They
+ask :func:`device_type` rather than ``tensor.device.type``, so that a test can run the non-CPU
+algorithms on CPU tensors inside ``forced_device_paths("cuda")`` (the engines' ``device_paths``
+option) and compare them with the CPU ones.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 
 import torch
 
 LUMA = (0.299, 0.587, 0.114)
+
+_FORCED_DEVICE_TYPE: ContextVar[str | None] = ContextVar("forced_device_type", default=None)
+
+
+def device_type(device) -> str:
+    """The device type whose algorithms run on tensors of ``device``: its own type ('cpu', 'cuda',
+    'mps' ...), or the one forced by :func:`forced_device_paths` (tests)."""
+    forced = _FORCED_DEVICE_TYPE.get()
+    if forced is not None:
+        return forced
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def cpu_paths(device) -> bool:
+    """Whether the CPU-specific algorithms apply to tensors on ``device``."""
+    return device_type(device) == "cpu"
+
+
+def check_device_paths(kind: str | None) -> str | None:
+    """``None`` (each tensor's own device) or a device type ('cpu', 'cuda', 'mps' ...)."""
+    if kind is None:
+        return None
+    try:
+        return torch.device(kind).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_paths must be None or a device type such as 'cpu' or 'cuda', got {kind!r}") from error
+
+
+@contextmanager
+def forced_device_paths(kind: str | None) -> Iterator[None]:
+    """Within the block, run the algorithms of device type ``kind`` whatever the tensors' device
+    (``None``: no change). Per thread / task (a ``ContextVar``), so concurrent engines do not mix."""
+    kind = check_device_paths(kind)
+    if kind is None:
+        yield
+        return
+    token = _FORCED_DEVICE_TYPE.set(kind)
+    try:
+        yield
+    finally:
+        _FORCED_DEVICE_TYPE.reset(token)
 
 
 def pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
@@ -151,7 +201,8 @@ class BlockedMatrix:
     On CPU, blocks of 32 output rows multiply only the input rows (columns of the matrix) they
     depend on: a dense 224 x 224 product is compute-bound, and skipping the zeros cuts its work
     2.5-7x for the matrices used here. The blocks are found once from the non-zero pattern. Other
-    devices, and matrices whose blocks would cover most of it, take the dense product."""
+    devices (``cpu_paths`` false), and matrices whose blocks would cover most of it, take the dense
+    product (the same sums, with the exact zeros included)."""
 
     block = 32
 
@@ -166,17 +217,20 @@ class BlockedMatrix:
             j0, j1 = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
             blocks.append((i0, i1, j0, j1))
             area += (i1 - i0) * (j1 - j0)
-        self.blocks = blocks if m.device.type == "cpu" and area <= 0.6 * n_out * n_in else None
+        self.blocks = blocks if area <= 0.6 * n_out * n_in else None
+
+    def _blocked(self, x: torch.Tensor) -> bool:
+        return self.blocks is not None and cpu_paths(x.device)
 
     def left(self, x: torch.Tensor) -> torch.Tensor:
         """``m @ x`` over axis -2."""
-        if self.blocks is None:
+        if not self._blocked(x):
             return torch.matmul(self.m, x)
         return torch.cat([torch.matmul(self.m[i0:i1, j0:j1], x[..., j0:j1, :]) for i0, i1, j0, j1 in self.blocks], -2)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ m.T`` over axis -1."""
-        if self.blocks is None:
+        if not self._blocked(x):
             return torch.matmul(x, self.m.transpose(0, 1))
         return torch.cat([torch.matmul(x[..., j0:j1], self.m[i0:i1, j0:j1].transpose(0, 1))
                           for i0, i1, j0, j1 in self.blocks], -1)
@@ -272,14 +326,30 @@ def motion_blur_taps(width: int, angles_deg: torch.Tensor):
     return dy.long(), dx.long()
 
 
-def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles_deg: torch.Tensor) -> torch.Tensor:
+@cache
+def _motion_blur_padding(width: int, angle_range: tuple[float, float], h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the largest tap shifts of ``motion_blur_taps`` over every angle
+    in ``angle_range`` (each shift is monotone in sin or cos of the angle, so the range's ends and
+    the multiples of 90 degrees inside it bound them), capped at the image size."""
+    lo, hi = angle_range
+    candidates = [lo, hi] + [90.0 * k for k in range(-4, 5) if lo < 90.0 * k < hi]
+    dy, dx = motion_blur_taps(width, torch.tensor(candidates, dtype=torch.float64))
+    top, bottom = min(max(int(dy.max()), 0), h - 1), min(max(-int(dy.min()), 0), h - 1)
+    left, right = min(max(int(dx.max()), 0), w - 1), min(max(-int(dx.min()), 0), w - 1)
+    return top, bottom, left, right
+
+
+def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles_deg: torch.Tensor,
+                angle_range: tuple[float, float] = (-180.0, 180.0)) -> torch.Tensor:
     """``imagecorruptions._motion_blur`` for a batch (B, C, H, W) with one angle per image.
 
     The kernel is a one-sided Gaussian of ``2*radius+1`` taps; tap ``i`` adds the image shifted
     by ``(dy_i, dx_i)`` with edge replication (the reference ``shift``). As in the reference,
     the sum stops (without renormalising) at the first tap whose shift reaches the image size.
     Computed as one FFT convolution per image (its own sparse kernel) of the edge-replicated
-    image, which equals the sum of clamped shifts.
+    image, which equals the sum of clamped shifts. The padding (hence the FFT size) covers every
+    angle of ``angle_range`` (the caller's sampling range), not only the batch's angles, so that
+    an image's output does not depend on the other images of its batch (float rounding).
     """
     b, c, h, w = x.shape
     width = 2 * radius + 1
@@ -289,9 +359,10 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles_deg: torch.Te
     dy, dx = motion_blur_taps(width, angles_deg.to(x.device))
     valid = (dy.abs() < h) & (dx.abs() < w)
     # out[p] = sum_i k_i x[clamp(p - d_i)]: pad (edge-replicated) by the largest shift on each side
-    dyv, dxv = dy[valid], dx[valid]
-    top, bottom = max(int(dyv.max()), 0), max(-int(dyv.min()), 0)
-    left, right = max(int(dxv.max()), 0), max(-int(dxv.min()), 0)
+    lo, hi = float(angle_range[0]), float(angle_range[1])
+    if bool(((angles_deg < lo) | (angles_deg > hi)).any()):
+        raise ValueError(f"motion_blur: angles outside angle_range {angle_range}")
+    top, bottom, left, right = _motion_blur_padding(width, (lo, hi), h, w)
     size = (_fft_size(h + top + bottom), _fft_size(w + left + right))
     xp = pad(x, top, size[0] - h - top, left, size[1] - w - left, "nearest")
     k = torch.zeros((b,) + size, dtype=x.dtype, device=x.device)
@@ -395,7 +466,7 @@ def poisson_levels(levels: torch.Tensor, scale: float, generator) -> torch.Tenso
     u = torch.rand(levels.shape, generator=generator, device=levels.device, dtype=torch.float64)
     out = torch.empty(levels.shape, dtype=torch.float32, device=levels.device)
     flat_l, flat_u, flat_out = levels.reshape(-1), u.view(-1), out.view(-1)
-    chunk = _POISSON_CHUNK if levels.device.type == "cpu" else max(flat_u.numel(), 1)
+    chunk = _POISSON_CHUNK if cpu_paths(levels.device) else max(flat_u.numel(), 1)
     for start in range(0, flat_u.numel(), chunk):
         stop = start + chunk
         uk = flat_u[start:stop].mul_(k)

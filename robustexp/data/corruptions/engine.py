@@ -159,7 +159,8 @@ def _draw_glass_blur(x, severity, g):
     _, delta, iterations = GLASS_BLUR[severity - 1]
     b, _, h, w = x.shape
     shape = (iterations, 2, b, h, w)  # (dy, dx) used when pixel (h, w) is visited
-    return {"offsets": torch.randint(-delta, delta, shape, generator=g, device=x.device)}
+    # int16: the same values as int64 (one 32-bit draw per value either way), a quarter of the memory
+    return {"offsets": torch.randint(-delta, delta, shape, generator=g, device=x.device, dtype=torch.int16)}
 
 
 def glass_shuffle(y: torch.Tensor, delta: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -171,11 +172,12 @@ def glass_shuffle(y: torch.Tensor, delta: int, offsets: torch.Tensor) -> torch.T
     dx, dy ~ U{-delta .. delta - 1}. On numpy arrays the right-hand side holds *views*, so this
     is a copy, not a swap: x[h, w] <- x[h', w'], and (h', w') keeps its value. A position is
     written only at its visit, so the value it ends the pass with is the pass-start value of
-    ``src(p)``, where src(p) = q = p + d_p if q has not been visited yet (q not in the visited
-    set, or earlier in raster order than... later in the visiting order) and src(p) = src(q)
-    otherwise. The chains p -> q -> ... strictly increase in raster order, so src is resolved
-    by pointer jumping (log2 of the longest chain rounds of gathers), then one gather per pass.
-    ``offsets`` (iterations, 2, B, H, W) holds (dy, dx) for each visited position.
+    ``src(p)``, where src(p) = q = p + d_p if q is not visited later in the pass (q not in the
+    visited set, or q at or before p in raster order) and src(p) = src(q) otherwise. The chains
+    p -> q -> ... strictly increase in raster order, so src is resolved by pointer jumping on the
+    positions whose chain has not ended yet (about log2 of the longest chain rounds, each on fewer
+    positions). The passes compose: one gather of the image at the end.
+    ``offsets`` (iterations, 2, B, H, W) holds (dy, dx) for each visited position (any integer dtype).
     """
     b, c, h, w = y.shape
     n = h * w
@@ -183,19 +185,31 @@ def glass_shuffle(y: torch.Tensor, delta: int, offsets: torch.Tensor) -> torch.T
     idx = torch.arange(n, device=dev)
     hh, ww = idx // w, idx % w
     visited = (hh > delta) & (hh <= h - delta) & (ww > delta) & (ww <= w - delta)
-    flat = y.reshape(b, c, n)
+    base = torch.arange(b, device=dev).view(b, 1) * n
+    composed = None
     for it in range(offsets.shape[0]):
-        q = idx + offsets[it, 0].reshape(b, n) * w + offsets[it, 1].reshape(b, n)
-        q = torch.where(visited, q, idx)
-        nxt = q
-        term = ~(visited[q] & (q > idx))  # q not visited before p: read its pass-start value
-        while not bool(term.all()):
-            nn = nxt.gather(1, nxt)
-            nt = term.gather(1, nxt)
-            nxt = torch.where(term, nxt, nn)
-            term = term | nt
-        flat = flat.gather(2, nxt.unsqueeze(1).expand(b, c, n))
-    return flat.view(b, c, h, w)
+        dy = offsets[it, 0].reshape(b, n).long()
+        dx = offsets[it, 1].reshape(b, n).long()
+        # a visited p reads q = p + (dy, dx) inside the image (|d| <= delta): no wrap-around
+        hq, wq = hh + dy, ww + dx
+        later = (hq > delta) & (hq <= h - delta) & (wq > delta) & (wq <= w - delta)  # q visited ...
+        later &= (dy > 0) | ((dy == 0) & (dx > 0))  # ... after p (q later in raster order)
+        later &= visited
+        src = torch.where(visited, idx + dy * w + dx, idx).add_(base).view(-1)  # flat over the batch
+        done = ~later.view(-1)
+        active = later.view(-1).nonzero().squeeze(1)
+        while active.numel():  # pointer jumping on the unresolved positions only
+            nxt = src[active]
+            src[active] = src[nxt]
+            ended = done[nxt]
+            done[active] = ended
+            active = active[~ended]
+        local = src.view(b, n) - base
+        composed = local if composed is None else composed.gather(1, local)
+    flat = y.reshape(b, c, n)
+    if composed is None:
+        return y
+    return flat.gather(2, composed.unsqueeze(1).expand(b, c, n)).view(b, c, h, w)
 
 
 def _apply_glass_blur(x, severity, offsets):
@@ -246,7 +260,7 @@ def _apply_motion_blur(x, severity, angles):
     """Mirrors ``motion_blur`` / ``_motion_blur`` (radius, sigma) in [(10, 3), (15, 5), (15, 8),
     (15, 12), (20, 15)], one angle ~ U(-45, 45) per image, on the uint8-scaled image; clip."""
     radius, sigma = MOTION_BLUR[severity - 1]
-    out = _ops.motion_blur(x * 255.0, radius, sigma, angles)
+    out = _ops.motion_blur(x * 255.0, radius, sigma, angles, angle_range=(-45.0, 45.0))
     return out.clamp(0, 255) / 255.0
 
 
@@ -279,7 +293,7 @@ def _apply_snow(x, severity, z, angles):
     layer = (loc + scale * z.to(x.dtype)).unsqueeze(1)  # float32: ~1e-7 of a level before the rounding
     layer = _ops.clipped_zoom(layer, zoom, cut=False)  # the reference blurs the uncut zoom
     layer = torch.where(layer < thr, torch.zeros_like(layer), layer).clamp(0, 1)
-    layer = _ops.motion_blur(layer, radius, sigma, angles)
+    layer = _ops.motion_blur(layer, radius, sigma, angles, angle_range=(-135.0, -45.0))
     h, w = x.shape[-2:]
     layer = (torch.round(layer[..., :h, :w] * 255) / 255).to(x.dtype)
     gray = _ops.luma(x)
@@ -457,8 +471,8 @@ def _apply_jpeg_compression(x, severity):
     (libjpeg, 4:2:0, standard tables). On CPU this *is* Pillow's codec (bit-identical); on other
     devices the torch pipeline of ``_jpeg`` (see there for what is exact and what is not)."""
     q = JPEG_QUALITY[severity - 1]
-    v = torch.round(x * 255)
-    if x.device.type == "cpu":
+    v = x.mul(255).round_()
+    if _ops.cpu_paths(x.device):
         return pil_jpeg_roundtrip(v, q).div_(255.0)
     return jpeg_roundtrip(v, q) / 255.0
 
@@ -699,17 +713,29 @@ check_registry(CORRUPTIONS)
 DETERMINISTIC = tuple(name for name in ALL_CORRUPTIONS if CORRUPTIONS[name].draw is None)
 
 
-def finish(out_rgb: torch.Tensor, channels: int, quantize: bool) -> torch.Tensor:
+def finish(out_rgb: torch.Tensor, channels: int, quantize: bool, out: torch.Tensor | None = None,
+           in_place: bool = False) -> torch.Tensor:
     """The reference adapter's tail: NaN -> 0; for 1-channel input luma rounded to 8-bit levels
-    (PIL's convert("L")); for RGB 8-bit truncation (np.uint8 in the reference)."""
-    out = torch.nan_to_num(out_rgb, nan=0.0, posinf=1.0, neginf=0.0)
+    (PIL's convert("L")); for RGB 8-bit truncation (np.uint8 in the reference). ``out``: write the
+    result there (a float32 tensor of the result's shape); ``in_place``: ``out_rgb`` may be
+    overwritten (the engine passes the fresh result of a corruption)."""
+    if in_place:
+        work = torch.nan_to_num_(out_rgb, nan=0.0, posinf=1.0, neginf=0.0)
+    else:
+        work = torch.nan_to_num(out_rgb, nan=0.0, posinf=1.0, neginf=0.0)
     if channels == 1:
-        out = _ops.luma(out).clamp_(0, 1)
-        return out.mul_(255).round_().div_(255) if quantize else out
-    out.clamp_(0, 1)
-    if quantize:  # truncation, like np.uint8(...); the margin absorbs float32 rounding
-        out.mul_(255).add_(1e-3).floor_().div_(255)
-    return out
+        work = _ops.luma(work).clamp_(0, 1)
+        if quantize:
+            work = work.mul_(255).round_()
+            return torch.div(work, 255, out=out) if out is not None else work.div_(255)
+    else:
+        work.clamp_(0, 1)
+        if quantize:  # truncation, like np.uint8(...); the margin absorbs float32 rounding
+            work = work.mul_(255).add_(1e-3).floor_()
+            return torch.div(work, 255, out=out) if out is not None else work.div_(255)
+    if out is not None:
+        return out.copy_(work)
+    return work
 
 
 class TorchCorruptionEngine:
@@ -727,18 +753,26 @@ class TorchCorruptionEngine:
     224 px images (38 MB per tensor at B = 64). The sub-batches draw from the same generator in
     order, so the output is a function of (images, name, severity, seed) for a given
     ``cpu_chunk_values``; other devices take the batch in one piece.
+
+    ``device_paths`` (for tests): None runs each device's own algorithms; a device type such as
+    'cuda' runs that device's algorithms on whatever device the tensors are on (the whole batch in
+    one piece, the float-DCT JPEG pipeline of ``_jpeg``, dense matrix products, the unchunked
+    Poisson sampler), so that the code a GPU runs is exercised and compared on a CPU; 'cpu' forces
+    the CPU algorithms. See ``_ops.forced_device_paths``.
     """
 
     name = "torch"
 
-    def __init__(self, device: str | None = None, quantize: bool = True, cpu_chunk_values: int = 1 << 19):
+    def __init__(self, device: str | None = None, quantize: bool = True, cpu_chunk_values: int = 1 << 19,
+                 device_paths: str | None = None):
         self.device = torch.device(device) if device is not None else None
         self.quantize = bool(quantize)
         self.cpu_chunk_values = int(cpu_chunk_values)
+        self.device_paths = _ops.check_device_paths(device_paths)
 
     def _sub_batch(self, shape, device: torch.device) -> int:
         b, _, h, w = shape
-        if device.type != "cpu" or self.cpu_chunk_values <= 0:
+        if not _ops.cpu_paths(device) or self.cpu_chunk_values <= 0:
             return max(b, 1)
         return max(1, self.cpu_chunk_values // (3 * h * w))
 
@@ -749,16 +783,17 @@ class TorchCorruptionEngine:
         generator = torch.Generator(device=device)
         generator.manual_seed(derive_seed(seed, name, severity))
         out = torch.empty(images.shape, dtype=torch.float32, device=device)
-        step = self._sub_batch(images.shape, device)
-        with torch.no_grad():
+        with torch.no_grad(), _ops.forced_device_paths(self.device_paths):
+            step = self._sub_batch(images.shape, device)
             for start in range(0, images.shape[0], step):
                 x = images[start:start + step].detach().to(device=device, dtype=torch.float32).clamp(0, 1)
                 if channels == 1:
                     x = x.expand(-1, 3, -1, -1).contiguous()
                 corruption = CORRUPTIONS[name]
                 draws = corruption.draw(x, severity, generator) if corruption.draw is not None else {}
-                result = corruption.apply(x, severity, **draws)
-                out[start:start + step] = finish(result.to(torch.float32), channels, self.quantize)
+                result = corruption.apply(x, severity, **draws).to(torch.float32)
+                finish(result, channels, self.quantize, out=out[start:start + step],
+                       in_place=result is not x and result.is_contiguous())
         return out.to(device=images.device, dtype=images.dtype if images.is_floating_point() else torch.float32)
 
     def apply(self, images: torch.Tensor, name: str, severity: int, **draws) -> torch.Tensor:
@@ -767,7 +802,7 @@ class TorchCorruptionEngine:
         channels = x.shape[1]
         if channels == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()
-        with torch.no_grad():
+        with torch.no_grad(), _ops.forced_device_paths(self.device_paths):
             return finish(CORRUPTIONS[name].apply(x, severity, **draws).to(torch.float32), channels, self.quantize)
 
     def close(self) -> None:

@@ -82,8 +82,9 @@ CANNY_SIGMA, CANNY_LOW, CANNY_HIGH = 1.0, 0.1, 0.2  # skimage.feature.canny defa
 # ----------------------------------------------------------------------------- helpers
 
 def _precise(device) -> torch.dtype:
-    """float64 for geometry and edge detection, except on devices without it (Apple MPS)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+    """float64 for geometry and edge detection, except on devices without it (Apple MPS; also
+    inside ``_ops.forced_device_paths("mps")``, how the tests run that path on CPU)."""
+    return torch.float32 if _ops.device_type(device) == "mps" else torch.float64
 
 
 def _uniform(shape, low: float, high: float, gen: torch.Generator, device, dtype=torch.float32):
@@ -532,10 +533,17 @@ class MnistCCorruptionEngine:
     ``engine(images, name, severity, seed)`` returns the corrupted batch (same shape, dtype and
     device). MNIST-C has one strength per corruption, so ``severity`` must be None or 1.
     ``name`` is one of :data:`MNIST_C_CORRUPTIONS` or 'identity' (returns a copy).
+
+    ``device_paths`` (for tests): a device type whose algorithms run whatever the images' device;
+    the only device-specific choice here is float32 instead of float64 for geometry and edge
+    detection on 'mps' (:func:`_precise`). See ``_ops.forced_device_paths``.
     """
 
     name = "mnist_c"
     family = "mnist_c"
+
+    def __init__(self, device_paths: str | None = None):
+        self.device_paths = _ops.check_device_paths(device_paths)
 
     def __call__(self, images: torch.Tensor, name: str, severity: int | None = None, seed: int = 0) -> torch.Tensor:
         if name not in MNIST_C_NAMES:
@@ -553,7 +561,7 @@ class MnistCCorruptionEngine:
         generator = torch.Generator(device=images.device)
         generator.manual_seed(derive_seed(seed, name))
         work = images if images.dtype in (torch.float32, torch.float64) else images.float()
-        with torch.no_grad():
+        with torch.no_grad(), _ops.forced_device_paths(self.device_paths):
             out = _CORRUPTIONS[name](work.detach(), generator)
         return out.clamp(0, 1).to(images.dtype)
 
