@@ -279,14 +279,15 @@ def _training(metrics: dict) -> list[dict]:
             for epoch in metrics["train"]["history"]]
 
 
-def test_a_requeued_job_resumes_mid_epoch_and_ends_as_an_uninterrupted_run(sweep):
+def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(sweep):
     rid = IDS["requeued"]
     log = sweep.main_log[rid]
-    # the story in main.log: epoch 1, the signal and the mid-epoch checkpoint, the second attempt resuming
-    assert re.search(r"signal received: checkpoint written at epoch 2, step \d+", log), log
+    # the story in main.log: epoch 1, the signal and the checkpoint, the second attempt resuming. The requeue
+    # is sent once epoch 1 is logged: mostly mid-epoch 2, sometimes still at the epoch boundary
+    assert re.search(r"signal received: checkpoint written (at epoch 2, step \d+|after epoch 1)", log), log
     assert "preempted: SystemExit: robustexp: stopped by SIGTERM" in log, log
     assert log.count(f"run {rid} in") == 2, log  # two attempts
-    assert re.search(r"resuming from \S+last.pt \(epoch 1/3 done, \d+ steps into epoch 2\)", log), log
+    assert re.search(r"resuming from \S+last.pt \(epoch 1/3 done(, \d+ steps into epoch 2)?\)", log), log
     # the job's own streams (submitit's folder): both attempts, SLURM's requeue and our checkpoint message
     task = sweep.sweep_dir / ".submitit" / sweep.requeued_job
     stdout = _only(task.glob("*_0_log.out")).read_text()

@@ -262,6 +262,8 @@ class Trainer:
                 if epoch % self.checkpoint_every == 0 or epoch == self.epochs or stop:
                     self._save_checkpoint(ctx, epoch, model, optimizer, scheduler, scaler, method, history)
                 if stop:
+                    if ctx.is_main:
+                        log.info("signal received: checkpoint written after epoch %d", epoch)
                     ctx.preemption.hand_over(str(self.checkpoint_path(ctx.run_dir)))
         finally:
             if ctx.channels_last:
