@@ -36,17 +36,15 @@ Writes bench/results/adaptation_overhead.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _bench import load_average, module_at_revision
 
 from robustexp.adaptation import BatchNormAdaptation, NoAdaptation, TentAdaptation
 from robustexp.evaluation.base import EvalContext, evaluate_subset
@@ -87,15 +85,7 @@ def setup(model_name: str, n_images: int, seed: int = 0):
 
 def baseline_adaptation_class(ref: str):
     """``BatchNormAdaptation`` from ``robustexp/adaptation/bn.py`` at git revision ``ref``."""
-    source = subprocess.run(["git", "show", f"{ref}:robustexp/adaptation/bn.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "bn_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("bn_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bn_baseline"] = module
-    spec.loader.exec_module(module)
-    return module.BatchNormAdaptation
+    return module_at_revision("robustexp/adaptation/bn.py", ref, "bn_baseline").BatchNormAdaptation
 
 
 def make_variant(name: str, n: int, prior_strength: float, baseline=None):
@@ -180,13 +170,6 @@ def markdown(results, meta) -> str:
     lines += ["", f"partial: prior N = {results[0]['prior_strength']:g}, n = the batch size; full: statistics of "
               "the whole subset, then frozen; tent: Adam lr 1e-3, one step per batch, continual."]
     return "\n".join(lines) + "\n"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main(argv=None):

@@ -34,17 +34,15 @@ Writes bench/results/certify_throughput.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import load_average, module_at_revision
 
 from robustexp.evaluation.certify import (
     ABSTAIN,
@@ -95,15 +93,7 @@ def bench_model(name: str, seed: int = 0) -> tuple[NormalizedClassifier, torch.T
 
 def baseline_certify(ref: str):
     """``certify`` from ``robustexp/evaluation/certify.py`` at git revision ``ref``."""
-    source = subprocess.run(["git", "show", f"{ref}:robustexp/evaluation/certify.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "certify_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("certify_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["certify_baseline"] = module
-    spec.loader.exec_module(module)
-    return module.certify
+    return module_at_revision("robustexp/evaluation/certify.py", ref, "certify_baseline").certify
 
 
 def _sync(device: torch.device) -> None:
@@ -256,13 +246,6 @@ def markdown(results, meta) -> str:
         lines += ["", "Same CERTIFY answers as the baseline revision (same seeds): "
                   + ", ".join(f"{r['model']} {100 * r['same_predictions_as_baseline']:.0f} %" for r in same)]
     return "\n".join(lines) + "\n"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main(argv=None):
