@@ -43,7 +43,15 @@ from robustexp.run_id import register_resolvers, run_directory, run_id
 from robustexp.run_record import RunRecord
 from robustexp.tracking import WandbTracker
 from robustexp.training.trainer import TrainContext
-from robustexp.utils import atomic_write_bytes, derive_seed, git_commit, resolve_device, seed_everything
+from robustexp.utils import (
+    atomic_write_bytes,
+    channels_last_for,
+    derive_seed,
+    git_commit,
+    model_memory_format,
+    resolve_device,
+    seed_everything,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CONFIG_FILE = "config.yaml"
@@ -108,8 +116,9 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_group: str | None) -> dict[str, A
                                progress=bool(cfg.runtime.progress) and is_main, num_workers=cfg.runtime.num_workers,
                                suffix=suffix, log=lambda m: tracker.log({k + suffix: v for k, v in m.items()}))
 
-        evaluated = evaluate_all(parts.method.evaluation_modes(parts.model), parts.data, parts.evaluators,
-                                 parts.variants, record, context, kept)
+        with model_memory_format(parts.model, cfg.runtime.get("channels_last", "auto"), device):
+            evaluated = evaluate_all(parts.method.evaluation_modes(parts.model), parts.data, parts.evaluators,
+                                     parts.variants, record, context, kept)
         tables = evaluated.tables
         if parts.report is not None:  # a report over the adaptation grid (curves, the selected prior N)
             record["adaptation_sweep"] = parts.report(record.summary, parts.grid_points, eval_dir)
@@ -191,7 +200,8 @@ def _train_context(cfg: DictConfig, run_dir: Path, device: torch.device, log_met
     return TrainContext(run_dir=run_dir, device=device, seed=cfg.seed, log=log_metrics, progress=bool(rt.progress),
                         num_workers=rt.num_workers, pin_memory=rt.get("pin_memory"),
                         persistent_workers=bool(rt.get("persistent_workers", False)), amp=rt.get("amp"),
-                        channels_last=bool(rt.get("channels_last", False)), compile=bool(rt.get("compile", False)),
+                        channels_last=channels_last_for(rt.get("channels_last", "auto"), device),
+                        compile=bool(rt.get("compile", False)),
                         preemption=preemption)
 
 

@@ -37,7 +37,6 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +50,11 @@ from robustexp.adaptation.freeze import FrozenStatisticsGuard, check_freezable, 
 from robustexp.data.batches import evaluation_order
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.models.folding import fold_frozen_batchnorm
 from robustexp.rendering import format_table
-from robustexp.utils import derive_seed
+from robustexp.utils import MEMORY_FORMATS, derive_seed, model_memory_format
 
 ABSTAIN = -1
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # Noisy samples per forward pass on CPU when not configured: the bare forward pass of the SmallCNN
 # at 28 px runs about twice as fast in batches of 250 as in batches of 1,000 (activations that stay
 # in cache; scripts/bench_certify.py); on a GPU the whole drawn batch is one forward pass.
@@ -212,51 +211,6 @@ def file_suffix(ctx: EvalContext) -> str:
     return "@" + label if label else ""
 
 
-@contextmanager
-def model_memory_format(model: nn.Module, choice: str, device: torch.device):
-    """Run the model in channels_last (``auto``: on CPU, where oneDNN convolutions are faster in
-    that layout) and put its 4-D parameters back in their layout afterwards. Same weights,
-    same function; only the memory layout changes."""
-    if choice not in MEMORY_FORMATS:
-        raise ConfigError(f"eval certify memory_format={choice!r}; expected one of {MEMORY_FORMATS}")
-    use = choice == "channels_last" or (choice == "auto" and device.type == "cpu")
-    weights = [p for p in model.parameters() if p.dim() == 4]
-    if not use or not weights:
-        yield torch.contiguous_format
-        return
-    was_channels_last = weights[0].is_contiguous(memory_format=torch.channels_last) and \
-        not weights[0].is_contiguous()
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield torch.channels_last
-    finally:
-        if not was_channels_last:
-            model.to(memory_format=torch.contiguous_format)
-
-
-def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
-    """A view of the model with every BatchNorm that directly follows a convolution (or linear
-    layer) folded into it: ``conv'(x) = gamma (conv(x) - mu) / sqrt(var + eps) + beta`` with the
-    layer's current running statistics (frozen here, so BN is a fixed affine map; the same
-    function up to float rounding, one memory pass less per layer). Built with torch.fx
-    (``torch.fx.experimental.optimization.fuse``) on a fresh trace: the original model, its
-    modules and its adaptation hooks are left untouched; the folded convolutions are copies,
-    every other layer is shared. A :class:`NormalizedClassifier` is folded inside its
-    normalization. Returns the model itself where it cannot be traced."""
-    from torch.fx.experimental.optimization import fuse
-
-    from robustexp.models.build import NormalizedClassifier
-
-    try:
-        if isinstance(model, NormalizedClassifier):  # its channel check is data-dependent: trace the net only
-            folded = NormalizedClassifier(fuse(model.net, inplace=True), model.mean.flatten().tolist(),
-                                          model.std.flatten().tolist(), model.net_channels)
-            return folded.to(model.mean.device).eval()
-        return fuse(model, inplace=True).eval()
-    except Exception:  # noqa: BLE001 - untraceable models (data-dependent control flow) run as they are
-        return model
-
-
 def noisy_adaptation_batch(data_test, size: int, sigma: float, seed: int, device: torch.device) -> torch.Tensor:
     """``size`` distinct test images (a seeded random subset) with N(0, sigma^2 I) noise: the batch
     the BN statistics are adapted on before certifying at ``sigma`` (Nandy et al. Sec. 3)."""
@@ -341,7 +295,7 @@ class CertifyEvaluator(Evaluator):
         radius_by_sigma, correct_by_sigma, partials = [], [], []
         Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
         model.eval()
-        with model_memory_format(model, self.memory_format, ctx.device) as memory_format:
+        with model_memory_format(model, self.memory_format, ctx.device, "eval certify memory_format") as memory_format:
             for sigma in self.sigmas:
                 adapt_batch = noisy_adaptation_batch(data.test, min(n_adapt, len(data.test)), sigma, self.seed,
                                                      ctx.device) if adaptation is not None else None

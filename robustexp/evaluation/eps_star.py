@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from robustexp.data.batches import test_batches
 from robustexp.errors import ConfigError
 from robustexp.evaluation.base import EvalContext, Evaluator
+from robustexp.models.folding import fold_frozen_batchnorm
 from robustexp.models.noise_generator import NoiseGenerator, check_kernel, classifier_frozen
 from robustexp.perturbations import clipped_l2_norm, clipping_aware_scale
 from robustexp.rendering import format_table
@@ -24,13 +25,15 @@ CRITERIA = ("misclassified", "changed")
 
 
 def train_adversarial_generator(model, train_set, device, eps_l2: float, steps: int, batch_size: int = 128,
-                                kernel: str = "1x1", lr: float = 1e-3, seed: int = 0):
+                                kernel: str = "1x1", lr: float = 1e-3, seed: int = 0, fold_bn: bool = True):
     """A new noise generator trained against the final classifier (Rusak et al. Sec. 3.3: "we train
     a new noise generator at the end of the training until convergence"): ``steps`` Adam steps
     maximizing the cross-entropy of the frozen classifier (eval mode, :func:`classifier_frozen`) on
     training images perturbed to L2 size ``eps_l2``. ``seed`` sets the generator's initialization,
     its z and the order of the training images; the global RNG is left as it was, so every rank of
-    a multi-process run trains the same generator."""
+    a multi-process run trains the same generator. ``fold_bn``: the frozen classifier runs with its
+    BatchNorm folded into the convolutions (the same function up to float rounding, ~1.4x faster
+    on CPU); False where BN layers carry an adaptation's hooks."""
     from torch.utils.data import DataLoader
 
     if len(train_set) == 0:
@@ -45,6 +48,7 @@ def train_adversarial_generator(model, train_set, device, eps_l2: float, steps: 
     devices = [device] if torch.device(device).type == "cuda" else []
     try:
         with classifier_frozen(model), torch.random.fork_rng(devices=devices):
+            target = fold_frozen_batchnorm(model) if fold_bn else model
             torch.manual_seed(derive_seed(seed, "z"))
             while done < steps:
                 for images, labels in loader:
@@ -53,7 +57,7 @@ def train_adversarial_generator(model, train_set, device, eps_l2: float, steps: 
                         noise_generator = NoiseGenerator(images.shape[1], kernel=kernel,
                                                          seed=derive_seed(seed, "init")).to(device)
                         optimizer = torch.optim.Adam(noise_generator.parameters(), lr=lr)
-                    loss = F.cross_entropy(model(noise_generator.perturb(images, eps_l2)), labels)
+                    loss = F.cross_entropy(target(noise_generator.perturb(images, eps_l2)), labels)
                     optimizer.zero_grad(set_to_none=True)
                     (-loss).backward()
                     optimizer.step()
@@ -142,7 +146,8 @@ class EpsStarEvaluator(Evaluator):
 
     ``adversarial`` (Rusak et al. Sec. 3.3 and Table 2): ``adversarial_generators`` new noise
     generators, one per seed, each trained against the final classifier (``adversarial_steps`` Adam
-    steps on the training split, :func:`train_adversarial_generator`) at L2 size
+    steps on batches of ``adversarial_batch_size`` training images, :func:`train_adversarial_generator`;
+    the paper trains "until convergence" and states no batch size) at L2 size
     ``adversarial_eps_l2``; eps* is measured along each one's noise by the same line search (eq. 4),
     and the result is the mean over the generators with their standard deviation ("we train four
     noise generators with different random seeds [...] We report the mean value and the standard
@@ -160,7 +165,7 @@ class EpsStarEvaluator(Evaluator):
     def __init__(self, directions=DIRECTIONS, batch_size: int = 250, max_images: int | None = None,
                  grid_points: int = 40, bisection_steps: int = 12, criterion: str = "misclassified", seed: int = 0,
                  adversarial_eps_l2: float | None = None, adversarial_steps: int = 500, adversarial_kernel: str = "1x1",
-                 adversarial_generators: int = 4, adversarial_lr: float = 1e-3):
+                 adversarial_generators: int = 4, adversarial_lr: float = 1e-3, adversarial_batch_size: int = 128):
         self.directions = tuple(directions)
         for kind in self.directions:
             if kind not in DIRECTIONS:
@@ -180,6 +185,11 @@ class EpsStarEvaluator(Evaluator):
         self.adversarial_kernel = check_kernel(adversarial_kernel, "eval eps_star adversarial_kernel")
         self.adversarial_generators = adversarial_generators
         self.adversarial_lr = adversarial_lr
+        if isinstance(adversarial_batch_size, bool) or not isinstance(adversarial_batch_size, int) \
+                or adversarial_batch_size < 1:
+            raise ConfigError(f"eval eps_star adversarial_batch_size={adversarial_batch_size!r}; expected an integer "
+                              ">= 1 (training images per Adam step of a generator)")
+        self.adversarial_batch_size = adversarial_batch_size
         if "adversarial" in self.directions and adversarial_eps_l2 is None:
             if "gaussian" not in self.directions:
                 raise ConfigError("eps_star: adversarial_eps_l2=null trains the generator at the Gaussian eps*, "
@@ -192,6 +202,8 @@ class EpsStarEvaluator(Evaluator):
         """The line-search size of every test image along directions of ``kind``, drawn with seeds
         from ``(seed, kind, *stream, batch)``."""
         values = []
+        # frozen statistics: BN folded into the convolutions (an adaptation keeps the model as it is)
+        predictor = model if ctx.adaptation.adapts else fold_frozen_batchnorm(model.eval())
         batches = test_batches(data.test, self.batch_size, ctx, self.max_images)
         label = " ".join(map(str, (kind, *stream)))
         for index, (images, labels) in enumerate(tqdm(batches, desc=f"eps* {label}", disable=not ctx.progress,
@@ -199,7 +211,7 @@ class EpsStarEvaluator(Evaluator):
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             generator = torch.Generator(device=images.device).manual_seed(derive_seed(self.seed, kind, *stream, index))
             direction = noise_direction(kind, images, generator, noise_generator)
-            values.append(line_search(model, images, labels, direction, self.grid_points,
+            values.append(line_search(predictor, images, labels, direction, self.grid_points,
                                       self.bisection_steps, self.criterion).cpu())
         return torch.cat(values).numpy()
 
@@ -229,8 +241,9 @@ class EpsStarEvaluator(Evaluator):
             per_generator = []
             for k in range(self.adversarial_generators):
                 noise_generator = train_adversarial_generator(
-                    model, data.train, ctx.device, size, self.adversarial_steps, kernel=self.adversarial_kernel,
-                    lr=self.adversarial_lr, seed=derive_seed(self.seed, "adversarial generator", k))
+                    model, data.train, ctx.device, size, self.adversarial_steps, self.adversarial_batch_size,
+                    kernel=self.adversarial_kernel, lr=self.adversarial_lr,
+                    seed=derive_seed(self.seed, "adversarial generator", k), fold_bn=not ctx.adaptation.adapts)
                 per_generator.append(self._sizes(model, data, ctx, kind, (k,) if k else (), noise_generator))
             medians = np.array([np.median(eps) for eps in per_generator])
             pooled = self._summary(np.concatenate(per_generator))
