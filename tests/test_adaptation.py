@@ -310,3 +310,90 @@ def test_the_statistics_written_are_exactly_the_mixture_of_mix_statistics(mode, 
             assert torch.equal(layer.running_mean, expected[0]) and torch.equal(layer.running_var, expected[1])
     adaptation.detach()
     assert torch.equal(layer.running_mean, source[0]) and torch.equal(layer.running_var, source[1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "flat"])
+def test_batch_statistics_of_a_batch_summed_in_chunks_equal_a_float64_computation(layout):
+    """Inputs larger than one chunk of squared deviations (several chunks of images, the last one
+    shorter): mean and biased / unbiased variance within float32 rounding of float64, in the
+    layouts the models hand to BN (contiguous, channels_last, BatchNorm1d's (N, C))."""
+    from robustexp.adaptation import bn
+
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([1e-3, 1.0, 10.0]).view(1, 3, 1, 1)
+    shift = torch.tensor([1.0, -3.0, 100.0]).view(1, 3, 1, 1)
+    x = (torch.randn(45, 3, 64, 64, generator=g) * scale + shift).relu_()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "flat":
+        x = x.permute(0, 2, 3, 1).reshape(-1, 3)
+    per_image = x[0].numel()
+    assert x.numel() > 2 * bn._DEVIATION_CHUNK and len(x) % (bn._DEVIATION_CHUNK // per_image) != 0  # 3+ chunks
+    dims = [d for d in range(x.ndim) if d != 1]
+    reference = x.double()
+    for unbiased in (False, True):
+        mean, var = bn.batch_statistics(x, unbiased=unbiased)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (3,)
+        torch.testing.assert_close(mean.double(), reference.mean(dims), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), reference.var(dims, unbiased=unbiased), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("mix", ["variance", "std"])
+def test_mix_statistics_equal_a_float64_mixture(mix):
+    """(1 - w) source + w target on the mean and on the variance (or on the std), to float32 rounding."""
+    from robustexp.adaptation.bn import mix_statistics
+
+    g = torch.Generator().manual_seed(2)
+    source = (torch.randn(64, generator=g), torch.rand(64, generator=g) + 0.1)
+    target = (torch.randn(64, generator=g) * 3, torch.rand(64, generator=g) * 4)
+    for w in (0.0, 8 / 24, 0.9, 1.0):
+        mean, var = mix_statistics(*source, *target, w, mix)
+        s = [t.double() for t in source]
+        t = [t.double() for t in target]
+        expected_mean = (1 - w) * s[0] + w * t[0]
+        expected_var = (1 - w) * s[1] + w * t[1] if mix == "variance" else \
+            ((1 - w) * s[1].sqrt() + w * t[1].sqrt()) ** 2
+        torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(var.double(), expected_var, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "prior", "prior_strength": 16},
+                                    {"mode": "momentum", "momentum": 0.3, "mix": "std"},
+                                    {"mode": "prior", "prior_strength": 4, "test_variance": "unbiased"}])
+def test_adaptation_of_a_channels_last_model_equals_a_float64_hand_computation_per_layer(kwargs):
+    """The model in channels_last (as the runner runs it on CPU): every layer normalizes with the
+    mixture of its source statistics and the float64 statistics of its own input, computed here by
+    hand, and the logits equal those of the contiguous model."""
+    model = trained_like_cnn()
+    model.features[0].weight.data += 0.2   # BN inputs with a mean far from zero
+    x = torch.rand(12, 1, 28, 28) * 0.8 + 0.4
+    with torch.no_grad():
+        contiguous = _adapted_output(model, x, batch_size=12, **kwargs)
+    model.to(memory_format=torch.channels_last)
+    adaptation = BatchNormAdaptation(batch_size=12, **kwargs)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    source = [(m.running_mean.double(), m.running_var.double()) for m in layers]
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0].double(), o.double())))
+               for m in layers]
+    adaptation.attach(model)
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        adaptation.detach()
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(logits, contiguous, rtol=1e-4, atol=1e-5)
+    w = adaptation.weight_on_target(12)
+    for layer, (mean_s, var_s) in zip(layers, source):
+        inputs, outputs = seen[layer]
+        assert inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
+        mean_t = inputs.mean((0, 2, 3))
+        var_t = inputs.var((0, 2, 3), unbiased=kwargs.get("test_variance") == "unbiased")
+        mean = (1 - w) * mean_s + w * mean_t
+        var = (1 - w) * var_s + w * var_t if kwargs.get("mix", "variance") == "variance" else \
+            ((1 - w) * var_s.sqrt() + w * var_t.sqrt()) ** 2
+        expected = (inputs - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + layer.eps).sqrt() \
+            * layer.weight.double().view(1, -1, 1, 1) + layer.bias.double().view(1, -1, 1, 1)
+        torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5)
