@@ -11,22 +11,28 @@ Robust to a loaded machine (the numbers are ratios measured in one process):
 * the two sides run **alternately**, round by round (torch, reference, torch, reference ...), so
   that a change of load hits both; each side keeps its **best of ``--rounds``** rounds (load only
   ever slows a round down);
-* both sides run on the **same number of threads** (``--threads``, default 1): torch's intra-op
-  pool (which the engine also uses for Pillow's JPEG codec), OpenCV's (``cv2.setNumThreads``) and
-  the BLAS / OpenMP pools that numpy and scipy use (threadpoolctl). One thread per side measures
-  the work per image; with 2+ threads on a 2-core machine shared with other jobs, torch's
-  intra-op barriers stall whenever one of its threads is descheduled (measured 3.9x instead of
-  30x at load 7-9), which measures the machine's load, not the engine;
+* both sides get the **same thread budget** (``--threads``, default: torch's default intra-op
+  thread count, i.e. what the runner uses, one per core): torch's (the engine runs its CPU
+  sub-batches on that many worker threads of one intra-op thread each, see
+  ``TorchCorruptionEngine.cpu_workers``), OpenCV's (``cv2.setNumThreads``) and the BLAS / OpenMP
+  pools that numpy and scipy use (threadpoolctl); the reference works image by image and uses
+  essentially one. ``--threads 1`` measures the work per image (one thread each side).
+  ``--sequential`` adds the engine's sequential path (``cpu_workers=1``: every sub-batch on torch's
+  intra-op threads, the engine before issue 21 item 4), whose barriers stall at every operation
+  when another process deschedules one of its threads (3.8x instead of 30x at load 6-9);
 * the overall speedup is the **ratio of the summed seconds per image** (one image of every
   corruption and severity measured; the reference's glass_blur dominates the sum).
 
 The engine receives the whole batch and splits it into cache-sized sub-batches itself
 (``TorchCorruptionEngine.cpu_chunk_values``, recorded in the JSON). The load average
-(``os.getloadavg``) before and after is recorded with the numbers.
+(``os.getloadavg``) before, after and its range during the run (sampled after every corruption)
+is recorded with the numbers, and the verdict on the issue-21 targets is that of this run, under
+that load.
 
 Writes bench/results/corruptions.json and bench/results/corruptions.md and prints the table.
 
     .venv/bin/python scripts/bench_corruptions.py            # all 5 severities, ~3-5 minutes
+    .venv/bin/python scripts/bench_corruptions.py --quick --sequential   # + the sequential path
     .venv/bin/python scripts/bench_corruptions.py --quick    # severity 3 only, ~1 minute
     .venv/bin/python scripts/bench_corruptions.py --fidelity # agreement table instead, ~2 minutes
 
@@ -100,11 +106,12 @@ def _timed(engine, x, name, severity, seed, device: str = "cpu") -> float:
     return time.perf_counter() - t
 
 
-def measure_corruption(engine, reference, x, x_ref, name, severities, devices, rounds):
-    """Best-of-``rounds`` seconds per image for every severity, torch (each device) and reference
-    alternating round by round. Returns {side: [s per image for each severity]}."""
-    best = {side: [float("inf")] * len(severities) for side in devices + ["reference"]}
-    for device in devices:  # warm-up: caches (frost bank, matrices, Poisson tables), kernels
+def measure_corruption(engines, reference, x, x_ref, name, severities, devices, rounds):
+    """Best-of-``rounds`` seconds per image for every severity, each torch side (``engines``:
+    {side: (engine, device)}) and the reference alternating round by round. Returns {side: [s per
+    image for each severity]}."""
+    best = {side: [float("inf")] * len(severities) for side in list(engines) + ["reference"]}
+    for engine, device in engines.values():  # warm-up: caches (frost bank, matrices, Poisson tables), kernels
         for s in severities:
             engine(x[:2].to(device), name, s, 0)
         _sync(device)
@@ -113,49 +120,70 @@ def measure_corruption(engine, reference, x, x_ref, name, severities, devices, r
     xs = {device: x.to(device) for device in devices}
     for r in range(rounds):
         for i, s in enumerate(severities):
-            for device in devices:
-                best[device][i] = min(best[device][i], _timed(engine, xs[device], name, s, 1 + r, device) / len(x))
+            for side, (engine, device) in engines.items():
+                best[side][i] = min(best[side][i], _timed(engine, xs[device], name, s, 1 + r, device) / len(x))
             ref_s = _timed(reference, x_ref, name, s, 1 + r) / len(x_ref)
             best["reference"][i] = min(best["reference"][i], ref_s)
     return best
 
 
-def run_setting(label, x, ref_images, ref_slow_images, severities, devices, rounds, log):
-    engine = TorchCorruptionEngine()
+def torch_sides(devices, sequential: bool) -> dict:
+    """{side: (engine, device)}: the engine as the runner builds it on each device, and with
+    ``sequential`` its sequential CPU path (``cpu_workers=1``) as side 'cpu_sequential'."""
+    sides = {device: (TorchCorruptionEngine(), device) for device in devices}
+    if sequential:
+        sides["cpu_sequential"] = (TorchCorruptionEngine(cpu_workers=1), "cpu")
+    return sides
+
+
+def run_setting(label, x, ref_images, ref_slow_images, severities, devices, rounds, log, sequential=False,
+                loads=None):
+    engines = torch_sides(devices, sequential)
     reference = ReferenceCorruptionEngine(workers=1)
     rows = []
     for name in ALL_CORRUPTIONS:
         n_ref = ref_slow_images if name in SLOW_REFERENCE else ref_images
-        best = measure_corruption(engine, reference, x, x[:n_ref], name, severities, devices, rounds)
+        best = measure_corruption(engines, reference, x, x[:n_ref], name, severities, devices, rounds)
+        if loads is not None:
+            loads.append(os.getloadavg()[0])
         row = {"setting": label, "corruption": name, "severities": list(severities), "reference_images": n_ref,
                "reference_s_per_image": sum(best["reference"]) / len(severities),
                "reference_s_per_image_by_severity": best["reference"]}
-        for device in devices:
-            row[f"torch_{device}_s_per_image"] = sum(best[device]) / len(severities)
-            row[f"torch_{device}_s_per_image_by_severity"] = best[device]
+        for side in engines:
+            row[f"torch_{side}_s_per_image"] = sum(best[side]) / len(severities)
+            row[f"torch_{side}_s_per_image_by_severity"] = best[side]
         rows.append(row)
         cpu = row["torch_cpu_s_per_image"]
         log(f"{label:>16s} {name:18s} reference {1 / row['reference_s_per_image']:9.1f} img/s   "
             f"torch cpu {1 / cpu:9.1f} img/s   x{row['reference_s_per_image'] / cpu:7.1f}"
-            + "".join(f"   torch {d} {1 / row[f'torch_{d}_s_per_image']:9.1f} img/s" for d in devices if d != "cpu"))
+            + "".join(f"   torch {d} {1 / row[f'torch_{d}_s_per_image']:9.1f} img/s" for d in engines if d != "cpu")
+            + (f"  (load {loads[-1]:.1f})" if loads else ""))
     reference.close()
     summary = {"setting": label,
                "reference_total_s_per_image": sum(r["reference_s_per_image"] for r in rows)}
-    for device in devices:
+    for device in engines:
         total = sum(r[f"torch_{device}_s_per_image"] for r in rows)
         summary[f"torch_{device}_total_s_per_image"] = total
         summary[f"overall_speedup_{device}"] = summary["reference_total_s_per_image"] / total
     return rows, summary
 
 
+def load_text(meta) -> str:
+    """The load average of the run: before, during (range of the 1-min value) and after."""
+    text = ", ".join(f"{a:.2f}" for a in meta["load_before"]) + " before, "
+    if meta.get("load_during"):
+        text += f"{min(meta['load_during']):.2f}-{max(meta['load_during']):.2f} during (1 min), "
+    return text + ", ".join(f"{a:.2f}" for a in meta["load_after"]) + " after (1, 5, 15 min)"
+
+
 def markdown(rows, summaries, devices, meta) -> str:
-    load = ", ".join(f"{a:.2f}" for a in meta["load_before"]) + " before, " + \
-        ", ".join(f"{a:.2f}" for a in meta["load_after"]) + " after (1, 5, 15 min)"
+    """``devices``: the torch sides measured ('cpu', 'cuda', 'cpu_sequential')."""
     lines = [f"# Corruption engine throughput ({meta['date']})", "",
-             f"Machine: {meta['machine']}, {meta['cpus']} CPUs, load average {load}; torch {meta['torch']}; "
-             f"{meta['threads']} thread(s) per side; severities {meta['severities']}; best of {meta['rounds']} "
-             f"alternating rounds per side; images/s, reference = ReferenceCorruptionEngine(workers=1); "
-             f"command: `{meta['command']}`.", ""]
+             f"Machine: {meta['machine']}, {meta['cpus']} CPUs, load average {load_text(meta)}; "
+             f"torch {meta['torch']}; {meta['threads']} thread(s) per side (engine: "
+             f"{meta['engine_cpu_workers']} CPU worker thread(s) of 1 intra-op thread each); severities "
+             f"{meta['severities']}; best of {meta['rounds']} alternating rounds per side; images/s, reference = "
+             f"ReferenceCorruptionEngine(workers=1); command: `{meta['command']}`.", ""]
     for summary in summaries:
         label = summary["setting"]
         head = "| corruption | reference img/s | torch cpu img/s | speedup cpu |"
@@ -190,7 +218,8 @@ def markdown(rows, summaries, devices, meta) -> str:
             for name in TARGET_ON_PAR:
                 ratio = by_name[name]["reference_s_per_image"] / by_name[name]["torch_cpu_s_per_image"]
                 checks.append(f"{name} >= 1x: {ratio:.2f}x ({'met' if ratio >= 1.0 else 'NOT met'})")
-            lines += ["Targets (issue 21, CPU): " + "; ".join(checks) + ".", ""]
+            lines += [f"Targets (issue 21, CPU, this run at load average {load_text(meta)}, "
+                      f"{meta['threads']} thread(s) per side): " + "; ".join(checks) + ".", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -282,8 +311,11 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="severity 3 only, fewer reference images (~1 min)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads per side: torch, OpenCV, BLAS/OpenMP (default 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per side: torch (the engine's CPU workers), OpenCV, BLAS/OpenMP "
+                             "(default 0: torch's default, what the runner uses)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also time the engine's sequential CPU path (cpu_workers=1, torch's intra-op threads)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side; best is kept (default 3)")
     parser.add_argument("--no-cuda", action="store_true")
     parser.add_argument("--fidelity", action="store_true", help="measure the agreement table instead")
@@ -293,7 +325,7 @@ def main(argv=None):
         fidelity(Path(args.out), lambda line: print(line, flush=True))
         return
 
-    threads = set_threads(max(1, args.threads))
+    threads = set_threads(args.threads if args.threads > 0 else torch.get_num_threads())
     severities = (3,) if args.quick else (1, 2, 3, 4, 5)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
@@ -303,6 +335,7 @@ def main(argv=None):
             "command": " ".join([".venv/bin/python scripts/bench_corruptions.py"] + (sys.argv[1:] if argv is None
                                                                                     else list(argv))),
             "torch_cpu_chunk_values": TorchCorruptionEngine().cpu_chunk_values,
+            "engine_cpu_workers": torch.get_num_threads(),
             "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
             "load_before": list(os.getloadavg())}
     started = time.perf_counter()
@@ -311,20 +344,23 @@ def main(argv=None):
         ("224x224 RGB b64", natural_images(64, 224, 224), 4 if args.quick else 8, 1 if args.quick else 2),
         ("28x28 gray b1000", digits(1000), 100 if args.quick else 200, 20 if args.quick else 50),
     ]
-    rows, summaries = [], []
+    rows, summaries, loads = [], [], []
+    sides = devices + (["cpu_sequential"] if args.sequential else [])
     for label, x, n_ref, n_ref_slow in settings:
-        r, s = run_setting(label, x, n_ref, n_ref_slow, severities, devices, max(1, args.rounds), log)
+        r, s = run_setting(label, x, n_ref, n_ref_slow, severities, devices, max(1, args.rounds), log,
+                           sequential=args.sequential, loads=loads)
         rows += r
         summaries.append(s)
         log(f"{label}: overall speedup (total time) " + ", ".join(
-            f"{d}: x{s[f'overall_speedup_{d}']:.1f}" for d in devices))
+            f"{d}: x{s[f'overall_speedup_{d}']:.1f}" for d in sides))
     meta["runtime_s"] = round(time.perf_counter() - started, 1)
+    meta["load_during"] = loads
     meta["load_after"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "corruptions.json").write_text(json.dumps({"meta": meta, "summary": summaries, "rows": rows},
                                                      indent=2) + "\n")
-    table = markdown(rows, summaries, devices, meta)
+    table = markdown(rows, summaries, sides, meta)
     (out / "corruptions.md").write_text(table)
     print()
     print(table)

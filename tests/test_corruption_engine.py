@@ -571,3 +571,88 @@ def test_float_dct_jpeg_agrees_with_pillow_per_quality():
         assert float((diff > 0.5).float().mean()) < 0.06, quality  # bin flips only: most values equal
         wrong = max(psnr(outputs[t], out) for t in SEVERITIES if t != s)
         assert wrong < matched - 15, (quality, matched, wrong)
+
+
+# ------------------------------------------------------------------ CPU worker threads (issue 21, item 4)
+
+
+class _Corrupt(torch.utils.data.Dataset):
+    """A dataset whose items are corrupted in ``__getitem__``: the engine in DataLoader workers."""
+
+    def __init__(self, x, name, cpu_workers):
+        self.x, self.name, self.cpu_workers = x, name, cpu_workers
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        engine = TorchCorruptionEngine(cpu_chunk_values=3 * 40 * 56, cpu_workers=self.cpu_workers)
+        return engine(self.x, self.name, 3, 7), torch.get_num_threads()
+
+
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_cpu_workers_give_the_sequential_output(name):
+    """The CPU sub-batches on worker threads (random draws made in order by one thread) give the
+    sequential loop's output bit for bit, for any number of workers and sub-batch size, RGB and
+    1-channel, 8-bit and float outputs; the sequential loop runs on this thread's intra-op threads,
+    the workers on one each, so this also checks that no result depends on the thread count."""
+    rgb = natural_images(7, 40, 56, seed=6)
+    gray = images("mnist28", 9)
+    for x, chunk in ((rgb, 3 * 40 * 56), (rgb, 2 * 3 * 40 * 56), (gray, 2 * 3 * 28 * 28)):
+        for quantize in (True, False):
+            sequential = TorchCorruptionEngine(quantize=quantize, cpu_chunk_values=chunk, cpu_workers=1)(x, name, 3, 7)
+            for workers in (2, 3):
+                threaded = TorchCorruptionEngine(quantize=quantize, cpu_chunk_values=chunk,
+                                                 cpu_workers=workers)(x, name, 3, 7)
+                assert torch.equal(sequential.nan_to_num(-1), threaded.nan_to_num(-1)), (x.shape, chunk, quantize,
+                                                                                        workers)
+
+
+def test_cpu_workers_threads_and_settings(monkeypatch):
+    """The sub-batches run on the shared worker threads, each with one intra-op thread; the calling
+    thread's and the process-wide intra-op thread counts are unchanged (a thread started afterwards
+    gets the usual count); repeated calls and new engines add no threads; other devices' paths
+    and ``cpu_workers=1`` run on the calling thread; invalid ``cpu_workers`` is refused."""
+    import threading
+
+    seen = []
+    apply = E.CORRUPTIONS["contrast"].apply
+
+    def spy(x, severity, **draws):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return apply(x, severity, **draws)
+
+    monkeypatch.setitem(E.CORRUPTIONS, "contrast", E.Corruption(spy))
+    x = natural_images(6, 32, 32, seed=3)
+    before = torch.get_num_threads()
+    TorchCorruptionEngine(cpu_chunk_values=3 * 32 * 32, cpu_workers=2)(x, "contrast", 2, 0)
+    assert len(seen) == 6 and all(n.startswith("corruption-apply") and t == 1 for n, t in seen), seen
+    assert torch.get_num_threads() == before
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [before]
+    threads = threading.active_count()
+    for _ in range(3):
+        TorchCorruptionEngine(cpu_chunk_values=3 * 32 * 32, cpu_workers=2)(x, "gaussian_noise", 2, 0)
+    assert threading.active_count() == threads
+    seen.clear()
+    TorchCorruptionEngine(cpu_chunk_values=3 * 32 * 32, cpu_workers=1)(x, "contrast", 2, 0)
+    TorchCorruptionEngine(cpu_workers=2, device_paths=DEVICE_PATHS)(x, "contrast", 2, 0)
+    assert len(seen) == 7 and {n for n, _ in seen} == {threading.current_thread().name}
+    with pytest.raises(ConfigError, match=r"corruptions.engine.cpu_workers=0; expected null"):
+        TorchCorruptionEngine(cpu_workers=0)
+
+
+def test_engine_in_dataloader_workers():
+    """In a DataLoader worker process (forked after this process's worker pool exists; torch runs
+    one intra-op thread there) the engine gives the same output, by default on the calling thread
+    and with ``cpu_workers=2`` on a pool of its own, and does not hang."""
+    x = natural_images(5, 40, 56, seed=6)
+    name = "glass_blur"
+    expected = TorchCorruptionEngine(cpu_chunk_values=3 * 40 * 56, cpu_workers=2)(x, name, 3, 7)  # pool exists
+    for workers in (None, 2):
+        loader = torch.utils.data.DataLoader(_Corrupt(x, name, workers), batch_size=None, num_workers=1, timeout=60)
+        out, threads = next(iter(loader))
+        assert threads == 1 and torch.equal(out, expected), workers

@@ -31,7 +31,10 @@ CPU it runs Pillow's codec, as the reference).
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from robustexp.data.corruptions import _ops
 from robustexp.data.corruptions._jpeg import jpeg_roundtrip, pil_jpeg_roundtrip
 from robustexp.data.corruptions.names import ALL_CORRUPTIONS, check_corruption_request
-from robustexp.errors import DatasetError
+from robustexp.errors import ConfigError, DatasetError
 from robustexp.utils import derive_seed
 
 # ------------------------------------------------------------------ severity tables (verbatim)
@@ -738,6 +741,99 @@ def finish(out_rgb: torch.Tensor, channels: int, quantize: bool, out: torch.Tens
     return work
 
 
+def _prepare(chunk: torch.Tensor, device: torch.device, channels: int) -> torch.Tensor:
+    """A sub-batch of the engine's input as the corruptions take it: float32 in [0, 1], RGB."""
+    x = chunk.detach().to(device=device, dtype=torch.float32).clamp(0, 1)
+    return x.expand(-1, 3, -1, -1).contiguous() if channels == 1 else x
+
+
+# ------------------------------------------------------------------ CPU worker threads
+
+_POOLS: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _single_threaded_init(phase: threading.Barrier, seen: list[int]) -> None:
+    """Run once in each new pool thread: torch's lazy per-thread setup first (it copies the
+    process-wide intra-op thread count into the thread), then one intra-op thread for this thread.
+    ``torch.set_num_threads`` sets the calling thread's OpenMP / MKL thread count *and* a
+    process-wide default that threads created later copy; :func:`_worker_pool` restores that
+    default once every pool thread has set its own."""
+    seen.append(torch.get_num_threads())
+    phase.wait()
+    torch.set_num_threads(1)
+    phase.wait()
+
+
+def _worker_pool(threads: int, kind: str) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` worker threads for ``kind`` ('apply' or 'draw'), each
+    running torch on one intra-op thread; created on first use, shared by all engines and reused
+    (a bounded number of idle threads, never one per call), created anew in a forked child (whose
+    copy of the parent's pool has no threads)."""
+    key = (os.getpid(), kind, threads)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix=f"corruption-{kind}")
+            phase, seen = threading.Barrier(threads + 1), []
+            starting = [pool.submit(_single_threaded_init, phase, seen) for _ in range(threads)]
+            phase.wait()  # every thread has copied the process-wide count (in seen) ...
+            phase.wait()  # ... and set its own to 1 (which also set the process-wide one to 1)
+            torch.set_num_threads(seen[0])  # restore the process-wide count (and this thread's, unchanged)
+            for f in starting:
+                f.result()
+            for stale in [k for k in _POOLS if k[0] != key[0]]:
+                del _POOLS[stale]  # a parent's pools, copied by fork: no threads behind them
+            _POOLS[key] = pool
+    return pool
+
+
+def _run_on_workers(engine: TorchCorruptionEngine, images: torch.Tensor, corruption: Corruption, severity: int,
+                    generator: torch.Generator, out: torch.Tensor, starts: range, step: int, workers: int) -> None:
+    """The CPU sub-batches of one engine call on ``workers`` threads of one intra-op thread each.
+
+    One thread draws the random quantities of every sub-batch in order from ``generator`` (the
+    same numbers as the sequential loop, so the output does not depend on the number of workers or
+    on scheduling) and hands each sub-batch with its draws to the worker pool, at most
+    ``2 * workers`` ahead of the workers; the workers corrupt and finish the sub-batches into their
+    slices of ``out``. Why not torch's intra-op threads: each torch operation ends at a barrier
+    that waits for all of them, so on a machine shared with other processes one descheduled thread
+    stalls every operation of the batch; here it delays only its own sub-batch while the others
+    take the remaining ones. The calling thread only waits (its thread settings are untouched)."""
+    device, channels = out.device, images.shape[1]
+    paths = engine.device_paths
+    apply_pool, draw_pool = _worker_pool(workers, "apply"), _worker_pool(1, "draw")
+    slots = threading.BoundedSemaphore(2 * workers)
+    submitted: list[Future] = []
+
+    def apply(chunk: torch.Tensor, x: torch.Tensor | None, draws: dict, target: torch.Tensor) -> None:
+        with torch.no_grad(), _ops.forced_device_paths(paths):
+            if x is None:
+                x = _prepare(chunk, device, channels)
+            engine._apply_into(x, corruption, severity, draws, target, channels)
+
+    def draw_all() -> None:
+        with torch.no_grad(), _ops.forced_device_paths(paths):
+            for start in starts:
+                chunk = images[start:start + step]
+                x, draws = None, {}
+                if corruption.draw is not None:
+                    x = _prepare(chunk, device, channels)
+                    draws = corruption.draw(x, severity, generator)
+                slots.acquire()
+                future = apply_pool.submit(apply, chunk, x, draws, out[start:start + step])
+                future.add_done_callback(lambda _: slots.release())
+                submitted.append(future)
+
+    try:
+        draw_pool.submit(draw_all).result()
+    finally:  # also after an error: no sub-batch is left running when the call returns
+        for future in submitted:
+            future.exception()
+    for future in submitted:
+        future.result()
+
+
 class TorchCorruptionEngine:
     """Batched ImageNet-C corruptions with torch, on the input's device (or ``device``).
 
@@ -752,7 +848,11 @@ class TorchCorruptionEngine:
     threshold, so that each temporary does not page-fault fresh memory) than on a whole batch of
     224 px images (38 MB per tensor at B = 64). The sub-batches draw from the same generator in
     order, so the output is a function of (images, name, severity, seed) for a given
-    ``cpu_chunk_values``; other devices take the batch in one piece.
+    ``cpu_chunk_values``; other devices take the batch in one piece. The CPU sub-batches run on
+    ``cpu_workers`` threads (default: torch's intra-op thread count of the calling thread) of one
+    intra-op thread each, fed in order by one drawing thread (:func:`_run_on_workers`): the
+    output is the sequential loop's, bit for bit, and a thread that the OS deschedules on a busy
+    machine delays only its own sub-batch instead of every torch operation.
 
     ``device_paths`` (for tests): None runs each device's own algorithms; a device type such as
     'cuda' runs that device's algorithms on whatever device the tensors are on (the whole batch in
@@ -764,17 +864,28 @@ class TorchCorruptionEngine:
     name = "torch"
 
     def __init__(self, device: str | None = None, quantize: bool = True, cpu_chunk_values: int = 1 << 19,
-                 device_paths: str | None = None):
+                 device_paths: str | None = None, cpu_workers: int | None = None):
         self.device = torch.device(device) if device is not None else None
         self.quantize = bool(quantize)
         self.cpu_chunk_values = int(cpu_chunk_values)
         self.device_paths = _ops.check_device_paths(device_paths)
+        self.cpu_workers = None if cpu_workers is None else int(cpu_workers)
+        if self.cpu_workers is not None and self.cpu_workers < 1:
+            raise ConfigError(f"corruptions.engine.cpu_workers={cpu_workers!r}; expected null (torch's intra-op "
+                              "thread count) or an integer >= 1")
 
     def _sub_batch(self, shape, device: torch.device) -> int:
         b, _, h, w = shape
         if not _ops.cpu_paths(device) or self.cpu_chunk_values <= 0:
             return max(b, 1)
         return max(1, self.cpu_chunk_values // (3 * h * w))
+
+    def _workers(self, n_chunks: int) -> int:
+        """Worker threads for ``n_chunks`` CPU sub-batches: ``cpu_workers``, by default the calling
+        thread's torch intra-op thread count (1 in DataLoader worker processes), at most one per
+        sub-batch."""
+        wanted = self.cpu_workers if self.cpu_workers is not None else torch.get_num_threads()
+        return max(1, min(wanted, n_chunks))
 
     def __call__(self, images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
         check_corruption_request(images, name, severity)
@@ -783,18 +894,27 @@ class TorchCorruptionEngine:
         generator = torch.Generator(device=device)
         generator.manual_seed(derive_seed(seed, name, severity))
         out = torch.empty(images.shape, dtype=torch.float32, device=device)
+        corruption = CORRUPTIONS[name]
         with torch.no_grad(), _ops.forced_device_paths(self.device_paths):
             step = self._sub_batch(images.shape, device)
-            for start in range(0, images.shape[0], step):
-                x = images[start:start + step].detach().to(device=device, dtype=torch.float32).clamp(0, 1)
-                if channels == 1:
-                    x = x.expand(-1, 3, -1, -1).contiguous()
-                corruption = CORRUPTIONS[name]
-                draws = corruption.draw(x, severity, generator) if corruption.draw is not None else {}
-                result = corruption.apply(x, severity, **draws).to(torch.float32)
-                finish(result, channels, self.quantize, out=out[start:start + step],
-                       in_place=result is not x and result.is_contiguous())
+            starts = range(0, images.shape[0], step)
+            workers = self._workers(len(starts)) if _ops.cpu_paths(device) and device.type == "cpu" else 1
+            if workers > 1:
+                _run_on_workers(self, images, corruption, severity, generator, out, starts, step, workers)
+            else:
+                for start in starts:
+                    x = _prepare(images[start:start + step], device, channels)
+                    draws = corruption.draw(x, severity, generator) if corruption.draw is not None else {}
+                    self._apply_into(x, corruption, severity, draws, out[start:start + step])
         return out.to(device=images.device, dtype=images.dtype if images.is_floating_point() else torch.float32)
+
+    def _apply_into(self, x: torch.Tensor, corruption: Corruption, severity: int, draws: dict,
+                    out: torch.Tensor, channels: int | None = None) -> None:
+        """Corrupt the prepared RGB sub-batch ``x`` given its draws and write the finished result to
+        ``out`` (``channels``: those of the engine's input, by default ``out``'s)."""
+        result = corruption.apply(x, severity, **draws).to(torch.float32)
+        finish(result, out.shape[1] if channels is None else channels, self.quantize, out=out,
+               in_place=result is not x and result.is_contiguous())
 
     def apply(self, images: torch.Tensor, name: str, severity: int, **draws) -> torch.Tensor:
         """The corruption with explicitly given random draws (for tests against the reference)."""
@@ -806,4 +926,5 @@ class TorchCorruptionEngine:
             return finish(CORRUPTIONS[name].apply(x, severity, **draws).to(torch.float32), channels, self.quantize)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the CPU worker threads are shared by all engines of the process
+        (:func:`_worker_pool`) and idle between calls."""
