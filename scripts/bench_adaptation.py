@@ -14,10 +14,8 @@ before and after the subset, the adaptation attached once per variant as the run
   (Schneider et al. eq. 3): the statistics of every test batch mixed with the source ones;
 * ``full``: ``BatchNormAdaptation(mode="full")``: one pass over the subset that estimates the
   statistics, then a frozen pass that predicts (two forward passes by definition: the estimate
-  needs every image before the first prediction);
-* ``full-folded``: ``full`` as proposed for ``evaluate_subset``: the statistics are frozen after
-  the estimate, so the prediction pass runs the model with its adapted BN folded and in chunks,
-  as the plain model (not what the runner does today; shown to measure the proposal);
+  needs every image before the first prediction), the prediction pass with the adapted BN folded
+  and in chunks, as the plain model (``evaluate_subset``);
 * ``tent``: ``TentAdaptation`` (Adam, one step per batch): forward, backward and an optimizer
   step per batch; its cost is reported, there is no target.
 
@@ -58,7 +56,7 @@ import torch
 from _bench import load_average, module_at_revision
 
 from robustexp.adaptation import BatchNormAdaptation, NoAdaptation, TentAdaptation
-from robustexp.evaluation.base import EvalContext, evaluate_batches, evaluate_subset, forward_in_chunks
+from robustexp.evaluation.base import EvalContext, evaluate_batches, evaluate_subset
 from robustexp.models.build import NormalizedClassifier
 from robustexp.models.folding import fold_frozen_batchnorm
 from robustexp.models.resnet_cifar import resnet18_cifar
@@ -66,8 +64,8 @@ from robustexp.models.small_cnn import SmallCNN
 from robustexp.utils import model_memory_format
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "unfolded", "partial", "full", "full-folded", "tent")
-FORWARD_PASSES = {"plain": 1, "unfolded": 1, "partial": 1, "full": 2, "full-folded": 2, "tent": 1}
+VARIANTS = ("plain", "unfolded", "partial", "full", "tent")
+FORWARD_PASSES = {"plain": 1, "unfolded": 1, "partial": 1, "full": 2, "tent": 1}
 TARGET_PERCENT = 5.0
 
 
@@ -110,7 +108,7 @@ def make_variant(name: str, n: int, prior_strength: float, baseline=None):
         return NoAdaptation()
     if name == "partial":
         return BatchNormAdaptation(mode="prior", prior_strength=prior_strength, batch_size=n)
-    if name in ("full", "full-folded"):
+    if name == "full":
         return BatchNormAdaptation(mode="full")
     if name == "tent":
         return TentAdaptation(optimizer="adam", lr=1e-3, batch_size=n)
@@ -125,20 +123,6 @@ def fold_milliseconds(model, repeats: int = 3) -> float:
         fold_frozen_batchnorm(model.eval())
         best = min(best, time.perf_counter() - start)
     return 1e3 * best
-
-
-def full_then_folded(model, make_batches, ctx: EvalContext, n: int) -> dict:
-    """``evaluate_subset`` with full adaptation as proposed: the statistics of the whole subset
-    estimated as now, then frozen, so the prediction pass may run the model with BN folded
-    (``fold_frozen_batchnorm`` of the adapted buffers) and in chunks, like the plain model."""
-    adaptation = ctx.adaptation
-    adaptation.reset()
-    try:
-        adaptation.prepare_subset(model, make_batches(n), ctx.device)
-        return evaluate_batches(fold_frozen_batchnorm(model.eval()), make_batches(n), ctx.device,
-                                predict=forward_in_chunks, shard=True)
-    finally:
-        adaptation.reset()
 
 
 def run_model(model_name: str, n_images: int, batch_sizes, rounds: int, prior_strength: float, log,
@@ -175,8 +159,6 @@ def _run_model(model, images, labels, model_name, n_images, batch_sizes, rounds,
                     start = time.perf_counter()
                     if name == "unfolded":   # eval-mode BN, unfolded: the network the adaptations run
                         result = evaluate_batches(model, make_batches(n), ctx.device, shard=True)
-                    elif name == "full-folded":
-                        result = full_then_folded(model, make_batches, ctx, n)
                     else:
                         result = evaluate_subset(model, make_batches, ctx, batch_size=n)
                     elapsed = time.perf_counter() - start

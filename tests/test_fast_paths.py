@@ -190,3 +190,32 @@ def test_bad_generator_batch_size():
 
     with pytest.raises(ConfigError, match=r"adversarial_batch_size=0; expected an integer >= 1"):
         EpsStarEvaluator(adversarial_batch_size=0)
+
+
+def test_full_adaptation_predicts_with_its_subset_statistics_folded(monkeypatch):
+    """Full adaptation fixes the statistics of the whole subset before predicting: the predictions
+    run on a folded copy and equal train-mode BN's normalization by the subset's statistics."""
+    model = trained_like_cnn()
+    x, y = torch.rand(96, 1, 28, 28) + 0.3, torch.randint(0, 10, (96,))
+    reference = copy.deepcopy(model).train()
+    for layer in reference.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.momentum = None  # cumulative average over the one batch = the subset's statistics
+            layer.reset_running_stats()
+    with torch.no_grad():
+        reference(x)  # running statistics = the whole subset's (unbiased variance, as BN stores it)
+    folded_models = []
+    real_fold = evaluation_base.fold_frozen_batchnorm
+    monkeypatch.setattr(evaluation_base, "fold_frozen_batchnorm", lambda m: folded_models.append(real_fold(m))
+                        or folded_models[-1])
+    adaptation = BatchNormAdaptation(mode="full", test_variance="unbiased").attach(model)
+    try:
+        ctx = EvalContext(run_dir=Path("."), device=CPU, seed=0, progress=False, adaptation=adaptation)
+        result = evaluate_subset(model, _batches(x, y, 32), ctx, batch_size=32)
+    finally:
+        adaptation.detach()
+    with torch.no_grad():
+        logits = reference.eval()(x)
+    assert len(folded_models) == 1
+    assert result["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+    assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-4)

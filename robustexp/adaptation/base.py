@@ -37,7 +37,8 @@ class TestTimeAdaptation:
       (:meth:`freeze`); BN statistics can, Tent (gradient steps on every batch) cannot.
     * ``freeze_after``: adapt on the first batch of every subset, then freeze.
     * ``estimates_subset``: the statistics of the whole subset are estimated in one pass
-      (:meth:`prepare_subset`) before any prediction ("full" adaptation).
+      (:meth:`prepare_subset`) before any prediction, which all use them unchanged ("full"
+      adaptation; the evaluation then folds them into the convolutions, as for the plain model).
     * ``updates_weights``: every prediction takes gradient steps, so a batch depends on the ones
       before it (Tent).
     """

@@ -133,6 +133,11 @@ def evaluate_subset(model: nn.Module, make_batches: Callable[[int], Iterator], c
     adaptation.reset()
     try:
         adaptation.prepare_subset(model, make_batches(batch_size), ctx.device)  # full: the whole subset first
+        if adaptation.estimates_subset and not (adaptation.freeze_after or adaptation.updates_weights):
+            # the statistics are fixed for every prediction now: fold them as the plain model's
+            return evaluate_batches(fold_frozen_batchnorm(model.eval()),
+                                    make_batches(adaptation.batch_size or batch_size), ctx.device,
+                                    predict=forward_in_chunks, shard=True)
         # batches are independent unless the adaptation carries state from batch to batch
         # (adapt-then-freeze, Tent): those run whole on every rank, so results never depend on K
         return evaluate_batches(model, make_batches(adaptation.batch_size or batch_size), ctx.device,
