@@ -155,7 +155,7 @@ def _apply_speckle_noise(x, severity, z):
 def _apply_gaussian_blur(x, severity):
     """Mirrors ``gaussian_blur``: ``skimage.filters.gaussian(sigma=c)`` per channel (mode
     'nearest', truncate 4), sigma in [1, 2, 3, 4, 6]; clip."""
-    return _ops.gaussian_filter(x, GAUSSIAN_BLUR[severity - 1]).clamp(0, 1)
+    return _ops.gaussian_filter(x, GAUSSIAN_BLUR[severity - 1]).clamp_(0, 1)  # sigma >= 1: a new tensor
 
 
 def _draw_glass_blur(x, severity, g):
@@ -218,12 +218,12 @@ def glass_shuffle(y: torch.Tensor, delta: int, offsets: torch.Tensor) -> torch.T
 def _apply_glass_blur(x, severity, offsets):
     """Mirrors ``glass_blur`` (sigma, max_delta, iterations) in [(0.7, 1, 2), (0.9, 2, 1),
     (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)]: Gaussian blur (sigma), truncation to uint8, local pixel
-    "shuffling" (``glass_shuffle``: the reference's sequential copy loop, resolved exactly by
-    pointer jumping), Gaussian blur again; clip."""
+    "shuffling" (``glass_shuffle``: the reference's sequential copy loop, resolved exactly; run as
+    ``_ops.glass_shuffle``, the same permutation with less work), Gaussian blur again; clip."""
     sigma, delta, _ = GLASS_BLUR[severity - 1]
-    y = torch.floor(_ops.gaussian_filter(x, sigma) * 255 + 1e-4).clamp(0, 255)  # np.uint8(... * 255)
-    y = glass_shuffle(y, delta, offsets)
-    return _ops.gaussian_filter(y / 255.0, sigma).clamp(0, 1)
+    y = _ops.gaussian_filter(x, sigma).mul_(255).add_(1e-4).floor_().clamp_(0, 255)  # np.uint8(... * 255)
+    y = _ops.glass_shuffle(y, delta, offsets)
+    return _ops.gaussian_filter(y.div_(255.0), sigma).clamp_(0, 1)
 
 
 @cache
@@ -264,7 +264,7 @@ def _apply_motion_blur(x, severity, angles):
     (15, 12), (20, 15)], one angle ~ U(-45, 45) per image, on the uint8-scaled image; clip."""
     radius, sigma = MOTION_BLUR[severity - 1]
     out = _ops.motion_blur(x * 255.0, radius, sigma, angles, angle_range=(-45.0, 45.0))
-    return out.clamp(0, 255) / 255.0
+    return out.clamp(0, 255).div_(255.0)
 
 
 def _apply_zoom_blur(x, severity):
@@ -293,15 +293,15 @@ def _apply_snow(x, severity, z, angles):
     angle ~ U(-135, -45) per image, rounded to 8 bits; the image is brightened towards
     ``max(x, 1.5 * gray + 0.5)`` and the layer and its 180-degree rotation are added; clip."""
     loc, scale, zoom, thr, radius, sigma, blend = SNOW[severity - 1]
-    layer = (loc + scale * z.to(x.dtype)).unsqueeze(1)  # float32: ~1e-7 of a level before the rounding
+    layer = z.to(x.dtype).mul(scale).add_(loc).unsqueeze(1)  # float32: ~1e-7 of a level before the rounding
     layer = _ops.clipped_zoom(layer, zoom, cut=False)  # the reference blurs the uncut zoom
-    layer = torch.where(layer < thr, torch.zeros_like(layer), layer).clamp(0, 1)
+    layer = layer.masked_fill_(layer < thr, 0.0).clamp_(0, 1)
     layer = _ops.motion_blur(layer, radius, sigma, angles, angle_range=(-135.0, -45.0))
     h, w = x.shape[-2:]
-    layer = (torch.round(layer[..., :h, :w] * 255) / 255).to(x.dtype)
-    gray = _ops.luma(x)
-    x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-    return (x + layer + layer.flip(-1, -2)).clamp(0, 1)
+    layer = layer[..., :h, :w].mul(255).round_().div_(255).to(x.dtype)
+    brightened = torch.maximum(x, _ops.luma(x).mul_(1.5).add_(0.5)).mul_(1 - blend)
+    x = x.mul(blend).add_(brightened)  # blend * x + (1 - blend) * max(x, 1.5 gray + 0.5)
+    return x.add_(layer).add_(layer.flip(-1, -2)).clamp_(0, 1)
 
 
 @cache
@@ -389,7 +389,7 @@ def _apply_frost(x, severity, idx, x_start, y_start):
     cols = y_start.view(b, 1) + torch.arange(w, device=x.device).view(1, w)
     crop = bank[idx.view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)]  # (b, h, w, 3)
     crop = crop.permute(0, 3, 1, 2).to(x.dtype)
-    return (a * (x * 255) + bw * crop).clamp(0, 255) / 255.0
+    return x.mul(255).mul_(a).add_(crop.mul_(bw)).clamp_(0, 255).div_(255.0)  # (a * 255 x + bw * crop)
 
 
 def plasma_fractal(batch: int, mapsize: int, wibbledecay: float, g, device) -> torch.Tensor:
@@ -442,13 +442,13 @@ def _apply_fog(x, severity, plasma):
     strength = FOG[severity - 1][0]
     max_val = x.amax((1, 2, 3), keepdim=True)
     y = x + strength * plasma.to(x.dtype).unsqueeze(1)
-    return (y * max_val / (max_val + strength)).clamp(0, 1)
+    return y.mul_(max_val).div_(max_val + strength).clamp_(0, 1)
 
 
 def _apply_brightness(x, severity):
     """Mirrors ``brightness``: V += c in HSV (skimage), c in [.1, .2, .3, .4, .5]; clip."""
     c = BRIGHTNESS[severity - 1]
-    return _ops.hsv_adjust(x, value=lambda v: (v + c).clamp(0, 1)).clamp(0, 1)
+    return _ops.hsv_adjust(x, value=lambda v: (v + c).clamp(0, 1)).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------ digital
@@ -459,14 +459,14 @@ def _apply_contrast(x, severity):
     .05]; clip."""
     c = CONTRAST[severity - 1]
     means = x.mean((2, 3), keepdim=True)
-    return ((x - means) * c + means).clamp(0, 1)
+    return (x - means).mul_(c).add_(means).clamp_(0, 1)
 
 
 def _apply_saturate(x, severity):
     """Mirrors ``saturate``: S = clip(S * a + b) in HSV (skimage), (a, b) in [(.3, 0), (.1, 0),
     (2, 0), (5, .1), (20, .2)]; clip."""
     a, b = SATURATE[severity - 1]
-    return _ops.hsv_adjust(x, saturation=lambda s: (s * a + b).clamp(0, 1)).clamp(0, 1)
+    return _ops.hsv_adjust(x, saturation=lambda s: (s * a + b).clamp(0, 1)).clamp_(0, 1)
 
 
 def _apply_jpeg_compression(x, severity):
@@ -525,14 +525,13 @@ def _apply_pixelate(x, severity):
     c = PIXELATE[severity - 1]
     _, _, h, w = x.shape
     sh, sw = int(h * c), int(w * c)
-    v = torch.round(x * 255)
+    v = x.mul(255).round_()
     wx = _pil_box_matrix(w, sw, str(x.device), x.dtype)
     wy = _pil_box_matrix(h, sh, str(x.device), x.dtype)
-    v = torch.floor(wx.right(v) + (0.5 + 1e-4)).clamp(0, 255)
-    v = torch.floor(wy.left(v) + (0.5 + 1e-4)).clamp(0, 255)
-    v = _ops.take(v, 2, _pil_nearest_index(sh, h, str(x.device)))
-    v = _ops.take(v, 3, _pil_nearest_index(sw, w, str(x.device)))
-    return v / 255.0
+    v = wx.right(v).add_(0.5 + 1e-4).floor_().clamp_(0, 255)
+    v = wy.left(v).add_(0.5 + 1e-4).floor_().clamp_(0, 255)
+    rows, cols = _pil_nearest_index(sh, h, str(x.device)), _pil_nearest_index(sw, w, str(x.device))
+    return _ops.take_rows_cols(v, rows, cols).div_(255.0)
 
 
 def _draw_elastic_transform(x, severity, g):
@@ -551,17 +550,17 @@ def _apply_elastic_transform(x, severity, ux, uy):
     alpha = ELASTIC_ALPHA[severity - 1]
     sigma = (h * 0.01, w * 0.01)
     # float32 smoothing: a smoothed displacement of a few pixels is exact to ~1e-6 px
-    dx = _ops.gaussian_filter(ux.to(x.dtype), sigma, truncate=3, mode="symmetric") * alpha
-    dy = _ops.gaussian_filter(uy.to(x.dtype), sigma, truncate=3, mode="symmetric") * alpha
+    dx = _ops.gaussian_filter(ux.to(x.dtype), sigma, truncate=3, mode="symmetric").mul_(alpha)
+    dy = _ops.gaussian_filter(uy.to(x.dtype), sigma, truncate=3, mode="symmetric").mul_(alpha)
     # map_coordinates(order=1, mode='reflect') == bilinear grid_sample with reflection about the
     # pixel borders (align_corners=False): both extend the image symmetrically
     ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
     xs = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
-    gx = (2 * (xs + dx) + 1) / w - 1
-    gy = (2 * (ys + dy) + 1) / h - 1
+    gx = dx.add_(xs).mul_(2).add_(1).div_(w).sub_(1)  # (2 * (xs + dx) + 1) / w - 1, in place
+    gy = dy.add_(ys).mul_(2).add_(1).div_(h).sub_(1)
     grid = torch.stack((gx, gy), -1).to(x.dtype)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return out.clamp(0, 1)
+    return out.clamp_(0, 1)
 
 
 def _draw_spatter(x, severity, g):
@@ -634,30 +633,30 @@ def _apply_spatter(x, severity, z):
     """
     loc, scale, sigma, thr, intensity, mode = SPATTER[severity - 1]
     b, c, h, w = x.shape
-    liquid = _ops.gaussian_filter(loc + scale * z.to(x.dtype), sigma)
-    liquid = torch.where(liquid < thr, torch.zeros_like(liquid), liquid)
+    liquid = _ops.gaussian_filter(z.to(x.dtype).mul(scale).add_(loc), sigma)  # sigma >= 1: a new tensor
+    liquid = liquid.masked_fill_(liquid < thr, 0.0)
     if mode == 0:
-        l8 = torch.floor(liquid * 255).remainder(256).float()  # astype(np.uint8)
+        l8 = liquid.mul(255).floor_().remainder_(256).float()  # astype(np.uint8)
         mask = l8 > 0
         # erosion by the 4-neighbourhood cross (edge-replicated border) as shifted ANDs
         mp = _ops.pad(mask, 1, 1, 1, 1, "nearest")
         eroded = mask & mp[:, :-2, 1:-1] & mp[:, 2:, 1:-1] & mp[:, 1:-1, :-2] & mp[:, 1:-1, 2:]
         edges = mask & ~eroded
-        dist = _truncated_edt(edges, 20)
-        dist = torch.floor(_ops.correlate2d(dist, _BOX3.to(x.device), "reflect101") + 1e-4)
+        dist = _ops.truncated_edt(edges, 20)  # _truncated_edt's result, less work
+        dist = _ops.correlate2d(dist, _BOX3.to(x.device), "reflect101").add_(1e-4).floor_()
         dist = _equalize_hist(dist)
-        dist = torch.round(_ops.correlate2d(dist, _EMBOSS.to(x.device), "reflect101")).clamp(0, 255)
+        dist = _ops.correlate2d(dist, _EMBOSS.to(x.device), "reflect101").round_().clamp_(0, 255)
         dist = _ops.correlate2d(dist, _BOX3.to(x.device), "reflect101")
-        m = l8 * dist
-        m = m / m.amax((1, 2), keepdim=True)  # NaN when there is no liquid, as in the reference
-        m = (m * intensity).unsqueeze(1).to(x.dtype)
+        m = l8.mul_(dist)
+        m = m.div_(m.amax((1, 2), keepdim=True))  # NaN when there is no liquid, as in the reference
+        m = m.mul_(intensity).unsqueeze(1).to(x.dtype)
         color = torch.tensor([175 / 255., 238 / 255., 238 / 255.], device=x.device, dtype=x.dtype)
-        return (x + m * color.view(1, 3, 1, 1)).clamp(0, 1)
+        return (m * color.view(1, 3, 1, 1)).add_(x).clamp_(0, 1)  # x + m * color
     mud = (liquid > thr).float()
     mud = _ops.gaussian_filter(mud, intensity)
-    mud = torch.where(mud < 0.8, torch.zeros_like(mud), mud).unsqueeze(1).to(x.dtype)
+    mud = mud.masked_fill_(mud < 0.8, 0.0).unsqueeze(1).to(x.dtype)
     color = torch.tensor([63 / 255., 42 / 255., 20 / 255.], device=x.device, dtype=x.dtype)
-    return (x * (1 - mud) + color.view(1, 3, 1, 1) * mud).clamp(0, 1)
+    return (x * (1 - mud)).add_(color.view(1, 3, 1, 1) * mud).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------ registry and engine
