@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +20,17 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def run_meta(script: str, quick: bool, argv: list[str] | None) -> dict:
+    """What every benchmark records with its numbers: date, machine, torch and its thread count,
+    --quick, the load average before the run and the command line."""
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "quick": quick, "load_before": load_average(),
+            "command": " ".join([f"scripts/{script}", *(argv if argv is not None else sys.argv[1:])])}
 
 
 def module_at_revision(path: str, ref: str, name: str) -> ModuleType:

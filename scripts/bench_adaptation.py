@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _bench import load_average, module_at_revision
+from _bench import load_average, module_at_revision, run_meta
 
 from robustexp.adaptation import BatchNormAdaptation, NoAdaptation, TentAdaptation
 from robustexp.evaluation.base import EvalContext, evaluate_batches, evaluate_subset
@@ -241,10 +239,7 @@ def main(argv=None):
         images.update({k: int(v) for k, v in (item.split("=") for item in args.images.split(","))})
     elif args.images:
         images = dict.fromkeys(images, int(args.images))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "quick": args.quick, "load_before": load_average(),
-            "command": " ".join(["scripts/bench_adaptation.py", *(argv if argv is not None else sys.argv[1:])])}
+    meta = run_meta("bench_adaptation.py", args.quick, argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.perf_counter()
     results = []

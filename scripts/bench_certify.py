@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import load_average, module_at_revision
+from _bench import load_average, module_at_revision, run_meta
 
 from robustexp.evaluation.certify import (
     ABSTAIN,
@@ -265,10 +263,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.no_cuda
                                        else [])
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "quick": args.quick, "load_before": load_average(),
-            "command": " ".join(["scripts/bench_certify.py", *(argv if argv is not None else sys.argv[1:])])}
+    meta = run_meta("bench_certify.py", args.quick, argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.perf_counter()
     results = []
